@@ -1,0 +1,264 @@
+"""The engine core: requests in, one step at a time, token deltas out. No IO here."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine_svc.block_manager import BlockManager
+from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_dtype
+from engine_svc.errors import ContextLengthError, InvalidRequestError
+from engine_svc.model_config import ModelConfig
+from engine_svc.model_loader import dummy_model, load_model
+from engine_svc.model_runner import ModelRunner, RunnerOutput
+from engine_svc.request import FinishReason, Request
+from engine_svc.sampler import Sampler, SamplingRow
+from engine_svc.sampling_params import SamplingParams
+from engine_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+log = logging.getLogger("pagedserve.engine")
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step produced for one sequence (a delta: only this step's tokens)."""
+
+    request_id: str  # the sequence's id (parent id + "#i" for n > 1 siblings)
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None
+    request: Request = field(repr=False)
+
+
+@dataclass(slots=True)
+class StepStats:
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_preempted: int = 0
+
+
+def resolve_model_path(model: str | None, progress: bool) -> Path:
+    from engine_svc import model_fetch  # imports gguf; only needed here
+
+    if model is None:
+        return model_fetch.fetch_default_model(progress=progress)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return model_fetch.convert_gguf_cached(path, progress=progress)
+    if not path.exists():
+        raise InvalidRequestError(f"model path {path} does not exist")
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.dtype = resolve_dtype(config.dtype)
+        if config.load_format == "dummy":
+            if model_config is None:
+                model_config = ModelConfig.from_dir(Path(config.model))
+            self.model_path = None
+            self.model_config = model_config
+            model = dummy_model(model_config, self.dtype, config.seed)
+        else:
+            self.model_path = resolve_model_path(config.model, config.progress)
+            self.model_config = model_config or ModelConfig.from_dir(self.model_path)
+            model = load_model(self.model_path, self.model_config, self.dtype, config.progress)
+        mc = self.model_config
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            budget = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+            num_blocks = budget // (mc.kv_bytes_per_token(self.dtype) * config.block_size)
+        capacity = num_blocks * config.block_size
+        if capacity < max_len:
+            log.warning(
+                "KV cache holds %d tokens < max_model_len %d: lowering it", capacity, max_len
+            )
+            max_len = capacity
+        if max_len < 2:
+            raise InvalidRequestError("the KV cache budget is too small for even one request")
+        self.max_model_len = max_len
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+                max_waiting=config.max_waiting,
+                max_model_len=max_len,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(model, mc, self.dtype, num_blocks, config.block_size, max_len)
+        self.sampler = Sampler()
+        self._seq = itertools.count()
+        self.last_step = StepStats()
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> list[Request]:
+        """Validate and queue a request; returns its sequences (n of them)."""
+        prompt, room = self.validate_request(prompt_token_ids, params)
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if any(rid in self.scheduler.requests for rid in ids):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        eos = frozenset(self.model_config.eos_token_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        reqs = []
+        for i, rid in enumerate(ids):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            reqs.append(
+                Request(
+                    request_id=rid,
+                    prompt_token_ids=prompt,
+                    params=params,
+                    max_tokens=min(params.max_tokens or room, room),
+                    eos_token_ids=eos,
+                    arrival_time=arrival,
+                    arrival_seq=next(self._seq),
+                    priority=priority,
+                    generator=gen,
+                )
+            )
+        for r in reqs:
+            self.scheduler.add_request(r)
+        return reqs
+
+    def validate_request(
+        self, prompt_token_ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], int]:
+        """Raise a typed error for a request the engine cannot serve; returns (prompt, room)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling params must be a SamplingParams")
+        prompt = self._check_prompt(prompt_token_ids)
+        params.check_vocab(self.model_config.vocab_size)
+        room = self.max_model_len - len(prompt)
+        if room < 1:
+            raise ContextLengthError(
+                f"prompt has {len(prompt)} tokens; the context is {self.max_model_len}, "
+                "leaving no room to generate"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length ({self.max_model_len})"
+            )
+        return prompt, room
+
+    def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty")
+        prompt = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)][:8]
+            raise InvalidRequestError(
+                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad}"
+            )
+        return prompt
+
+    def abort_request(self, request_ids: list[str]) -> list[Request]:
+        """Abort by sequence id or by parent id (all n siblings)."""
+        reqs = self.scheduler.requests
+        expanded = []
+        for rid in request_ids:
+            if rid in reqs:
+                expanded.append(rid)
+            expanded.extend(k for k in reqs if k.startswith(rid + "#"))
+        return self.scheduler.abort(expanded)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        self.last_step = StepStats(len(sched.seqs), sched.num_batched_tokens, len(sched.preempted))
+        if sched.is_empty:
+            return []
+        runner_out = self.runner.execute(sched)
+        sampled = self._sample(runner_out)
+        self._record_prompt_logprobs(sched, runner_out)
+        self.scheduler.update(sched, sampled)
+        now = time.monotonic()
+        outputs = []
+        for s in runner_out.sample_seqs:
+            req = s.request
+            if req.first_token_time is None:
+                req.first_token_time = now
+            outputs.append(
+                StepOutput(req.request_id, [req.output_token_ids[-1]], req.finish_reason, req)
+            )
+        return outputs
+
+    def _sample(self, runner_out: RunnerOutput) -> dict[str, int]:
+        if not runner_out.sample_seqs:
+            return {}
+        rows = [self._sampling_row(s.request) for s in runner_out.sample_seqs]
+        result = self.sampler(runner_out.sample_logits, rows)
+        sampled = {}
+        for i, s in enumerate(runner_out.sample_seqs):
+            req = s.request
+            sampled[req.request_id] = result.token_ids[i]
+            if req.params.logprobs is not None:
+                req.logprobs.append(result.logprobs[i])
+                req.top_logprobs.append(result.top_logprobs[i] or [])
+        return sampled
+
+    @staticmethod
+    def _sampling_row(req: Request) -> SamplingRow:
+        banned: tuple[int, ...] = ()
+        if len(req.output_token_ids) < req.params.min_tokens:
+            stops = set(req.params.stop_token_ids)
+            if not req.params.ignore_eos:
+                stops |= req.eos_token_ids
+            banned = tuple(sorted(stops))
+        return SamplingRow(
+            params=req.params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            generator=req.generator,
+            banned_token_ids=banned,
+        )
+
+    def _record_prompt_logprobs(self, sched: SchedulerOutput, runner_out: RunnerOutput) -> None:
+        for s in sched.seqs:
+            logits = runner_out.prompt_logits.get(s.request.request_id)
+            if logits is None:
+                continue
+            req = s.request
+            start = req.num_computed_tokens
+            # Entry k belongs to prompt token k; a recompute after preemption adds nothing new.
+            if len(req.prompt_logprobs) != (start + 1 if start else 0):
+                continue
+            if start == 0:
+                req.prompt_logprobs.append(None)  # the first token has no context
+                req.prompt_top_logprobs.append([])
+            # Row j predicts token start + j + 1; only prompt positions count.
+            n = min(s.num_new_tokens, req.num_prompt_tokens - 1 - start)
+            if n <= 0:
+                continue
+            targets = torch.tensor(req.prompt_token_ids[start + 1 : start + 1 + n])
+            lps, tops = self.sampler.prompt_logprobs(
+                logits[:n], targets, req.params.prompt_logprobs
+            )
+            req.prompt_logprobs.extend(lps)
+            req.prompt_top_logprobs.extend(tops)

@@ -1,0 +1,23 @@
+"""Typed errors of the engine. The gateway maps each class to one gRPC status code."""
+
+from __future__ import annotations
+
+
+class PagedServeError(Exception):
+    """Base of every error pagedserve raises on purpose."""
+
+
+class InvalidRequestError(PagedServeError, ValueError):
+    """A request or parameter is malformed or out of range (gRPC INVALID_ARGUMENT)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested output does not fit the model's context (INVALID_ARGUMENT)."""
+
+
+class QueueFullError(PagedServeError):
+    """The waiting queue is at its bound (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class ModelLoadError(PagedServeError):
+    """A model directory or file cannot be read or is not a supported architecture."""

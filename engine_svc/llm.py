@@ -1,0 +1,223 @@
+"""Offline API shaped like vLLM's: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from engine_svc.config import EngineConfig
+from engine_svc.engine import LLMEngine
+from engine_svc.errors import InvalidRequestError
+from engine_svc.request import FinishReason, Request
+from engine_svc.sampling_params import SamplingParams
+from engine_svc.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "stop_sequence", "abort"
+    stop_reason: int | str | None  # the stop token id or stop string that ended it
+    logprobs: list[dict[int, float]] | None  # per token: {token id: logprob} (sampled + top-k)
+    cumulative_logprob: float | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, float] | None] | None
+    outputs: list[CompletionOutput]
+    usage: Usage
+    finished: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+PromptType = str | Sequence[int]
+
+
+class LLM:
+    """Load a model once and run batches of prompts through the paged engine.
+
+    ``model`` is an HF-format directory, a ``.gguf`` file, or None for the default model
+    (SmolLM2-135M-Instruct, fetched and converted on first use). Other keyword arguments are
+    ``EngineConfig`` fields (``dtype``, ``max_num_seqs``, ``kv_cache_memory``, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        path = self.engine.model_path
+        self.tokenizer = Tokenizer(path) if path and (path / "tokenizer.json").is_file() else None
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in the order of ``prompts``."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise InvalidRequestError(
+                f"got {len(params)} sampling params for {len(prompts)} prompts"
+            )
+        # Validate and tokenize everything before queueing anything, so a bad prompt leaves
+        # the engine untouched.
+        encoded = [self._encode(p) for p in prompts]
+        for ids, sp in zip(encoded, params):
+            self._precheck(ids, sp)
+        groups: list[tuple[str, PromptType, list[Request]]] = []
+        try:
+            for i, (p, ids, sp) in enumerate(zip(prompts, encoded, params)):
+                rid = f"offline-{next(self._ids)}"
+                prio = priority[i] if priority else 0
+                groups.append((rid, p, self.engine.add_request(rid, ids, sp, priority=prio)))
+            self._run(groups, use_tqdm)
+        except BaseException:
+            self.engine.abort_request([rid for rid, _, _ in groups])
+            raise
+        return [self._output(rid, p, reqs) for rid, p, reqs in groups]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template and generate a reply."""
+        tok = self._require_tokenizer()
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                "this engine has no tokenizer (dummy weights): pass token ids"
+            )
+        return self.tokenizer
+
+    def _encode(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self._require_tokenizer().encode(prompt)
+        if not isinstance(prompt, Sequence) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise InvalidRequestError("a prompt must be a string or a list of token ids (ints)")
+        return list(prompt)
+
+    def _precheck(self, ids: list[int], sp: SamplingParams) -> None:
+        if not isinstance(sp, SamplingParams):
+            raise InvalidRequestError("sampling_params must be SamplingParams")
+        if sp.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer")
+        self.engine.validate_request(ids, sp)
+
+    def _run(self, groups, use_tqdm: bool) -> None:
+        total = sum(len(reqs) for _, _, reqs in groups)
+        with tqdm(total=total, desc="Generating", unit="seq", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                outs = self.engine.step()
+                for o in outs:
+                    if o.request.params.stop and o.finish_reason is None:
+                        self._check_stop_strings(o.request)
+                    if o.request.is_finished:
+                        bar.update(1)
+
+    def _check_stop_strings(self, req: Request) -> None:
+        tok = self._require_tokenizer()
+        text = tok.decode(req.output_token_ids, req.params.skip_special_tokens)
+        tail = max(len(s) for s in req.params.stop) + 16
+        window = text[-tail:]
+        if any(s in window for s in req.params.stop):
+            self.engine.abort_request([req.request_id])
+            req.finish_reason = FinishReason.STOP_SEQUENCE
+
+    def _output(self, rid: str, prompt: PromptType, reqs: list[Request]) -> RequestOutput:
+        outs = [self._completion(i, r) for i, r in enumerate(reqs)]
+        first = reqs[0]
+        plp = None
+        if first.params.prompt_logprobs is not None:
+            plp = [
+                None if lp is None else _lp_dict(tok, lp, top)
+                for tok, lp, top in zip(
+                    first.prompt_token_ids, first.prompt_logprobs, first.prompt_top_logprobs
+                )
+            ]
+        usage = Usage(
+            prompt_tokens=first.num_prompt_tokens,
+            completion_tokens=sum(len(r.output_token_ids) for r in reqs),
+            cached_tokens=sum(max(r.num_cached_tokens, 0) for r in reqs),
+        )
+        return RequestOutput(
+            request_id=rid,
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=list(first.prompt_token_ids),
+            prompt_logprobs=plp,
+            outputs=outs,
+            usage=usage,
+        )
+
+    def _completion(self, index: int, r: Request) -> CompletionOutput:
+        ids = list(r.output_token_ids)
+        text, stop_reason = "", r.stop_token_id
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(ids, r.params.skip_special_tokens)
+            if r.finish_reason is FinishReason.STOP_SEQUENCE:
+                text, stop_reason = _cut_at_stop(
+                    text, r.params.stop, r.params.include_stop_str_in_output
+                )
+        logprobs = None
+        if r.params.logprobs is not None:
+            logprobs = [_lp_dict(t, lp, top) for t, lp, top in zip(ids, r.logprobs, r.top_logprobs)]
+        cum = sum(r.logprobs) if r.params.logprobs is not None else None
+        reason = r.finish_reason.value if r.finish_reason else None
+        return CompletionOutput(index, text, ids, reason, stop_reason, logprobs, cum)
+
+
+def _lp_dict(token: int, lp: float, top: list[tuple[int, float]]) -> dict[int, float]:
+    d = {t: v for t, v in top}
+    d[token] = lp
+    return d
+
+
+def _cut_at_stop(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """Cut at the earliest stop string (ties: the longest)."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
+            best = (i, s)
+    if best is None:
+        return text, None
+    i, s = best
+    return (text[: i + len(s)] if include else text[:i]), s

@@ -1,0 +1,84 @@
+"""Turns a SchedulerOutput into one forward pass over the flattened batch, and returns the
+logits of the positions that are sampled (plus every position of prompt-logprob chunks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine_svc.attention import build_metadata
+from engine_svc.model import LlamaModel
+from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
+from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sample_seqs: list[ScheduledSeq] = field(default_factory=list)
+    sample_logits: torch.Tensor | None = None  # [len(sample_seqs), vocab] float32
+    # request id -> logits [num_new_tokens, vocab] of every position of its chunk
+    prompt_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.model, self.cfg, self.dtype = model, cfg, dtype
+        self.block_size = block_size
+        # One tensor for the whole cache: [layers, K|V, blocks, block_size, kv_heads, head_size].
+        self.kv_caches = torch.zeros(
+            cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_size, dtype=dtype
+        )
+        cs = rope_cos_sin_cache(cfg, max_model_len)
+        half = cs.shape[1] // 2
+        # HF Llama casts cos/sin to the activation dtype before rotating: do the same.
+        self.cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).to(dtype)
+        self.sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).to(dtype)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        # Decodes first: the attention plan batches them into one call.
+        seqs = sorted(sched.seqs, key=lambda s: s.num_new_tokens != 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        q_lens, seq_lens, tables = [], [], []
+        for s in seqs:
+            start = s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            q_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(s.block_table)
+        meta = build_metadata(q_lens, seq_lens, tables, self.block_size)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64), cos, sin, self.kv_caches, meta)
+
+        out = RunnerOutput()
+        rows: list[int] = []
+        prompt_rows: list[tuple[str, int, int]] = []
+        offset = 0
+        for s in seqs:
+            end = offset + s.num_new_tokens
+            if s.request.params.prompt_logprobs is not None and (
+                s.request.num_computed_tokens < s.request.num_prompt_tokens
+            ):
+                prompt_rows.append((s.request.request_id, offset, end))
+            if s.samples:
+                out.sample_seqs.append(s)
+                rows.append(end - 1)
+            offset = end
+        if rows:
+            out.sample_logits = self.model.compute_logits(hidden[rows]).float()
+        for rid, a, b in prompt_rows:
+            out.prompt_logits[rid] = self.model.compute_logits(hidden[a:b]).float()
+        return out

@@ -1,0 +1,161 @@
+"""Per-request sampling parameters, validated once when the request is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine_svc.errors import InvalidRequestError
+
+# Limits that keep one request from eating the engine; shown to clients by GetModelInfo.
+MAX_N = 16
+MAX_LOGPROBS = 20
+MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024
+MAX_SEED = 2**63 - 1
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidRequestError(msg)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to sample one request's output (names and meanings follow vLLM's).
+
+    ``temperature == 0`` means greedy. ``top_k <= 0`` and ``top_p == 1`` disable those filters.
+    ``max_tokens=None`` means "until the context is full". ``logprobs=k`` returns the sampled
+    token's logprob plus the ``k`` most likely tokens' (k may be 0); ``prompt_logprobs`` the same
+    for every prompt position after the first.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        _check(
+            isinstance(self.n, int) and 1 <= self.n <= MAX_N,
+            f"n must be in [1, {MAX_N}], got {self.n!r}",
+        )
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            f"max_tokens must be >= 1, got {self.max_tokens!r}",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            f"min_tokens must be >= 0, got {self.min_tokens!r}",
+        )
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+        )
+        _check(
+            _finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+            f"temperature must be in [0, 100], got {self.temperature!r}",
+        )
+        _check(
+            _finite(self.top_p) and 0.0 < self.top_p <= 1.0,
+            f"top_p must be in (0, 1], got {self.top_p!r}",
+        )
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= -1,
+            f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
+        )
+        _check(
+            _finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
+            f"min_p must be in [0, 1], got {self.min_p!r}",
+        )
+        _check(
+            _finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
+            f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
+        )
+        _check(
+            _finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty!r}",
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}",
+        )
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+            f"seed must be in [0, 2^63-1], got {self.seed!r}",
+        )
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop strings must be non-empty strings",
+        )
+        _check(
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
+        )
+        _check(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids must be non-negative integers",
+        )
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            _check(
+                v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS),
+                f"{name} must be in [0, {MAX_LOGPROBS}], got {v!r}",
+            )
+        if self.logit_bias:
+            _check(
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"at most {MAX_LOGIT_BIAS} logit_bias entries",
+            )
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            _check(all(k >= 0 for k in self.logit_bias), "logit_bias keys must be token ids >= 0")
+            _check(
+                all(_finite(v) and -100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+                "logit_bias values must be in [-100, 100]",
+            )
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the params must exist in the model's vocabulary."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if self.logit_bias:
+            bad += [t for t in self.logit_bias if t >= vocab_size]
+        _check(
+            not bad, f"token ids out of the vocabulary (size {vocab_size}): {sorted(set(bad))[:8]}"
+        )
+
+
+def _finite(x: object) -> bool:
+    return (
+        isinstance(x, (int, float))
+        and not isinstance(x, bool)
+        and float("-inf") < float(x) < float("inf")
+    )

@@ -1,0 +1,207 @@
+"""Continuous batching without phases: every request has computed tokens catching up to its
+tokens, so chunked prefill and mixed prefill + decode steps fall out of one token budget.
+
+``schedule() -> SchedulerOutput`` then ``update(output, sampled)``: the engine step is these
+two calls around the model runner, and tests can drive the scheduler with made-up tokens.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+
+from engine_svc.block_manager import BlockManager
+from engine_svc.errors import QueueFullError
+from engine_svc.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 4096  # bound of the waiting queue; past it add_request raises QueueFullError
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    request: Request
+    num_new_tokens: int  # compute all_token_ids[num_computed : num_computed + num_new_tokens]
+    block_table: list[int]  # the manager's live list: append-only while the request runs
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the last known token, so the step samples a new one."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class WaitingQueue:
+    """Priority queue by (priority, arrival); O(log n) push/pop, O(1) lazy removal."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple[int, int], Request]] = []
+        self._live: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def push(self, req: Request) -> None:
+        heapq.heappush(self._heap, (req.sort_key, req))
+        self._live.add(req.request_id)
+
+    def peek(self) -> Request | None:
+        while self._heap and self._heap[0][1].request_id not in self._live:
+            heapq.heappop(self._heap)
+        return self._heap[0][1] if self._heap else None
+
+    def pop(self) -> Request:
+        req = self.peek()
+        assert req is not None
+        heapq.heappop(self._heap)
+        self._live.discard(req.request_id)
+        return req
+
+    def remove(self, req: Request) -> None:
+        self._live.discard(req.request_id)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # -- requests in and out ---------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"waiting queue is full ({self.config.max_waiting} requests); retry later"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.push(req)
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        """Finish the named requests at once and free their blocks; unknown ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, FinishReason.ABORT)
+            aborted.append(req)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # -- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve(req, num_new, i, out):
+                continue  # req itself was preempted; running[i] is now the next request
+            out.seqs.append(ScheduledSeq(req, num_new, self.bm.block_table(req.request_id)))
+            budget -= num_new
+            i += 1
+        if not out.preempted:  # admitting while preempting would just thrash
+            budget = self._admit(budget, out)
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _reserve(self, req: Request, num_new: int, i: int, out: SchedulerOutput) -> bool:
+        """Find blocks for req's next tokens, preempting the lowest-priority later request."""
+        target = req.num_computed_tokens + num_new
+        while not self.bm.allocate(req.request_id, req.all_token_ids, target, salt=req.salt):
+            victim = max(self.running[i:], key=lambda r: r.sort_key)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        now = time.monotonic()
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            if req is None:
+                break
+            cached, num_cached = [], 0
+            if req.params.prompt_logprobs is None:  # prompt logprobs need every position computed
+                cached, num_cached = self.bm.find_cached_prefix(req.all_token_ids, req.salt)
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.bm.allocate(
+                req.request_id, req.all_token_ids, num_cached + num_new, cached, req.salt
+            ):
+                break  # head of line waits; FCFS order is kept
+            self.waiting.pop()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+                req.first_scheduled_time = now
+            self.running.append(req)
+            out.seqs.append(ScheduledSeq(req, num_new, self.bm.block_table(req.request_id)))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.bm.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.push(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests; returns those that finished this step."""
+        finished = []
+        for s in out.seqs:
+            req = s.request
+            if req.is_finished:  # aborted between schedule and update
+                continue
+            samples = s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            req.append_token(sampled[req.request_id])
+            reason = req.check_stop(self.config.max_model_len)
+            if reason is not None:
+                self._finish(req, reason)
+                finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return finished
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.bm.free(req.request_id)
+        del self.requests[req.request_id]

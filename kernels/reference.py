@@ -1,0 +1,113 @@
+"""Plain-torch references of the kernels in this package.
+
+Each function has the signature of its Triton counterpart and is the oracle in the kernel
+tests. They are written to be obviously right, not fast: the CPU engine path uses
+``engine_svc.attention`` (batched torch) which is itself tested against these.
+
+Layouts (shared by every implementation):
+  query / key / value: [num_tokens, num_heads | num_kv_heads, head_size]
+  key_cache / value_cache: [num_blocks, block_size, num_kv_heads, head_size]
+  block_tables: [num_seqs, max_blocks_per_seq] int32, rows padded with any valid block id
+  slot_mapping: [num_tokens] int64, block_id * block_size + offset, -1 = skip (padding)
+  seq_lens: [num_seqs] int32, context length of each sequence after this step's tokens
+  query_start_loc: [num_seqs + 1] int32, prefix sums of the query lengths
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens]
+) -> None:
+    """Write each token's K and V into its slot; slots < 0 are padding and skipped."""
+    block_size = key_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
+    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # [num_seqs]
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size]
+) -> torch.Tensor:
+    """Causal attention of a mixed varlen batch against the paged KV cache.
+
+    Sequence i owns queries ``query_start_loc[i]:query_start_loc[i+1]``; they are the *last*
+    tokens of its ``seq_lens[i]`` context, so query j of a chunk of length q sits at position
+    ``seq_len - q + j`` and sees keys 0..that position. Decodes are chunks of length 1.
+    """
+    num_heads, head_size = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q0, q1 = starts[i], starts[i + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        num_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[i, :num_blocks].long()
+        k = key_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()
+        v = value_cache[blocks].reshape(-1, num_kv_heads, head_size)[:seq_len].float()
+        k = k.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_size]
+        v = v.repeat_interleave(group, dim=1)
+        q = query[q0:q1].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama computes it: statistics in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x`` then RMSNorm of the sum; returns (normed, new residual)."""
+    residual = residual + x
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos half | sin half
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary (rotate halves), as Hugging Face Llama applies it."""
+    half = cos_sin_cache.shape[1] // 2
+    cos_sin = cos_sin_cache[positions.long()]
+    cos = cos_sin[:, :half].repeat(1, 2).unsqueeze(1).to(query.dtype)
+    sin = cos_sin[:, half:].repeat(1, 2).unsqueeze(1).to(query.dtype)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        rot = x[..., : 2 * half]
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return torch.cat((rot * cos + rotated * sin, x[..., 2 * half :]), dim=-1)
+
+    return rotate(query), rotate(key)
