@@ -1,0 +1,1 @@
+"""Benchmarks; run each as a module from the repo root (``python -m benchmarks.<name>``)."""
