@@ -8,7 +8,7 @@ command and the date, to a section of ``docs/benchmarks.md``. For pagedserve the
 at peak is measured after every engine step: allocated slots not holding a token's KV, as a
 share of the allocated slots, at the step where the allocated slots peak.
 
-Run it from the repo root on a quiet machine (it takes minutes on a laptop-class CPU):
+Run it from the repo root on a quiet machine (nothing else using the CPU):
 
     python -m benchmarks.offline_throughput
 
@@ -47,7 +47,6 @@ SECTION_END = "<!-- offline_throughput:end -->"
 # Random prompt tokens are drawn from [FIRST_PROMPT_TOKEN, vocab): clear of the special tokens
 # (0..16 in SmolLM2's vocabulary) and of the single bytes at the start of a BPE vocabulary.
 FIRST_PROMPT_TOKEN = 100
-HF_PAD_TOKEN = 2  # any id works: padded positions are masked out
 
 
 # -- workloads ---------------------------------------------------------------------------------
@@ -115,7 +114,7 @@ class PagedResult:
     steps: int
     max_running: int
     preemptions: int
-    probe_s: float  # time spent measuring KV occupancy, included in wall_s
+    probe_s: float  # time spent measuring KV occupancy, left out of wall_s
     peak_slots: int  # allocated KV slots (used blocks x block size) at their peak
     peak_tokens: int  # KV slots holding a token at the first step reaching that peak
     slot_steps: int  # allocated slots summed over all steps
@@ -172,7 +171,7 @@ def run_pagedserve(llm: LLM, wl: Workload, run_tag: str) -> PagedResult:
         if slots > peak_slots:
             peak_slots, peak_tokens = slots, tokens
         probe_s += time.perf_counter() - p0
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - probe_s
     _check_paged_outputs(reqs, wl)
     return PagedResult(
         output_tokens=sum(len(r.output_token_ids) for r in reqs),
@@ -238,22 +237,34 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def hf_eos_ids(model: torch.nn.Module) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 @torch.inference_mode()
 def hf_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
     """Greedy ``generate`` of exactly ``new_tokens`` for every row; returns the count made.
 
-    ``min_new_tokens`` equal to ``max_new_tokens`` keeps EOS from ending any row early.
+    ``min_new_tokens`` equal to ``max_new_tokens`` bans EOS until the end, so no row stops
+    early. Checked: a row that stopped would be padded with EOS (the pad id here), and no EOS
+    may appear among the generated tokens.
     """
-    ids, mask = left_pad(prompts, HF_PAD_TOKEN)
+    eos = hf_eos_ids(model)
+    pad = eos[0] if eos else 0  # padded prompt positions are masked out: any id works
+    ids, mask = left_pad(prompts, pad)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        pad_token_id=HF_PAD_TOKEN,
+        pad_token_id=pad,
     )
-    return out.shape[1] - ids.shape[1]
+    new = out[:, ids.shape[1] :]
+    if eos and torch.isin(new, torch.tensor(eos)).any():
+        raise RuntimeError("transformers produced EOS: a row stopped before its length")
+    return new.shape[1]
 
 
 def run_hf(model: torch.nn.Module, wl: Workload, batch_size: int) -> HFResult:
@@ -337,9 +348,9 @@ def notes(rep: WorkloadReport, block_size: int) -> list[str]:
     out = [
         f"**{wl.spec.label}** ({wl.requested_tokens:,} output tokens requested): pagedserve ran "
         f"{p.steps} engine steps, at most {p.max_running} requests at once, "
-        f"{p.preemptions} preemptions; KV occupancy probing took {p.probe_s:.2f} s of its "
-        f"wall time; at peak {p.peak_tokens:,} of {p.peak_slots:,} slots held a token "
-        f"(block size {block_size}; first step at the peak), and over all steps "
+        f"{p.preemptions} preemptions; KV occupancy probing took {p.probe_s:.3f} s (left "
+        f"out of its wall time); at peak {p.peak_tokens:,} of {p.peak_slots:,} slots held a "
+        f"token (block size {block_size}; first step at the peak), and over all steps "
         f"{p.mean_waste:.1%} of the allocated slots were empty."
     ]
     if h is not None:
@@ -354,7 +365,7 @@ def notes(rep: WorkloadReport, block_size: int) -> list[str]:
     return out
 
 
-def machine_info(engine: LLMEngine, threads: int) -> str:
+def machine_info(engine: LLMEngine, threads: int, load: float) -> str:
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -367,10 +378,11 @@ def machine_info(engine: LLMEngine, threads: int) -> str:
         pass
     dtype = str(engine.dtype).removeprefix("torch.")
     return (
-        f"{cpu}, {os.cpu_count()} logical cores ({threads} torch threads), "
+        f"{cpu}, {os.cpu_count()} logical cores, torch threads: {threads}; "
         f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; dtype {dtype}"
+        f"transformers {transformers.__version__}; dtype {dtype}; "
+        f"1-minute load average at start {load:.2f}"
     )
 
 
@@ -523,6 +535,13 @@ def build_llm(args: argparse.Namespace) -> LLM:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(
+            f"warning: load average {load:.2f} at start: other work shares the CPU and the "
+            "timings will be noisy (with several torch threads, badly so: try --threads 1)",
+            file=sys.stderr,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     command = shlex.join(
@@ -553,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports.append(WorkloadReport(wl, paged, hf, args.hf_batch_size))
 
     section = render_section(
-        reports, engine, command, machine_info(engine, torch.get_num_threads())
+        reports, engine, command, machine_info(engine, torch.get_num_threads(), load)
     )
     print(section.replace(SECTION_START + "\n", "").replace(SECTION_END + "\n", ""))
     if args.output != "-":

@@ -42,13 +42,19 @@ def hf_greedy(model_dir):
 
 
 def _hf_greedy_ignore_eos(model, ids: torch.Tensor, n: int) -> list[int]:
-    """Greedy decoding with transformers' forward over the whole sequence each step, EOS not
-    ending it (as ignore_eos does; generate()'s min_new_tokens would forbid EOS instead)."""
-    seq = ids[0].tolist()
+    """Greedy decoding with transformers' forward and KV cache, EOS not ending the sequence
+    (as ignore_eos does; generate()'s min_new_tokens would forbid EOS instead)."""
+    import inspect
+
+    # transformers 5.x renamed the cache argument (past_key_values -> cache).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache, cur, new = None, ids, []
     for _ in range(n):
-        logits = model(input_ids=torch.tensor([seq])).logits[0, -1]
-        seq.append(int(logits.argmax()))
-    return seq[ids.shape[1] :]
+        out = model(input_ids=cur, use_cache=True, **{cache_kw: cache})
+        cache = out[cache_kw]
+        new.append(int(out.logits[0, -1].argmax()))
+        cur = torch.tensor([[new[-1]]])
+    return new
 
 
 @pytest.fixture(scope="module")
