@@ -47,7 +47,9 @@ def _hf_greedy_ignore_eos(model, ids: torch.Tensor, n: int) -> list[int]:
     import inspect
 
     # transformers 5.x renamed the cache argument (past_key_values -> cache).
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     cache, cur, new = None, ids, []
     for _ in range(n):
         out = model(input_ids=cur, use_cache=True, **{cache_kw: cache})
