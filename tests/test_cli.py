@@ -1,0 +1,51 @@
+"""The `pagedserve` command as a user runs it: help texts, errors, a generation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny_models import make_tiny_model
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pagedserve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("sub", [[], ["generate"], ["fetch-model"]])
+def test_help_explains_every_flag(sub):
+    r = _run(*sub, "--help")
+    assert r.returncode == 0
+    # every option line of argparse's help has a description after it
+    for line in r.stdout.splitlines():
+        s = line.strip()
+        if s.startswith("--") and "  " not in s:
+            nxt = r.stdout.splitlines()[r.stdout.splitlines().index(line) + 1].strip()
+            assert nxt and not nxt.startswith("--"), f"flag without help: {s}"
+
+
+def test_generate_with_missing_model_is_a_clear_error(tmp_path):
+    r = _run("generate", "hi", "--model", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_bad_param_is_a_clear_error(tmp_path):
+    path = make_tiny_model(tmp_path / "m")
+    r = _run("generate", "hi", "--model", str(path), "--temperature", "-1", "--dtype", "float32")
+    assert r.returncode == 2
+    assert "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_default_model_greedy():
+    r = _run("generate", "The capital of France is", "--max-tokens", "8", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "[length, 8 tokens]" in r.stdout
