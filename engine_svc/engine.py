@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,16 +62,16 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.dtype = resolve_dtype(config.dtype)
-        if config.load_format == "dummy":
-            if model_config is None:
-                model_config = ModelConfig.from_dir(Path(config.model))
+        if model_config is None:
+            self.model_path = resolve_model_path(config.model, config.progress)
+            model_config = ModelConfig.from_dir(self.model_path)
+        else:  # a config given directly (tests, benchmarks): weights must be dummy
             self.model_path = None
-            self.model_config = model_config
+        self.model_config = model_config
+        if config.load_format == "dummy" or self.model_path is None:
             model = dummy_model(model_config, self.dtype, config.seed)
         else:
-            self.model_path = resolve_model_path(config.model, config.progress)
-            self.model_config = model_config or ModelConfig.from_dir(self.model_path)
-            model = load_model(self.model_path, self.model_config, self.dtype, config.progress)
+            model = load_model(self.model_path, model_config, self.dtype, config.progress)
         mc = self.model_config
         max_len = config.max_model_len or mc.max_position_embeddings
         if config.num_kv_blocks is not None:
@@ -164,14 +165,17 @@ class LLMEngine:
         return prompt, room
 
     def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        if not prompt_token_ids:
+        if prompt_token_ids is None or len(prompt_token_ids) == 0:
             raise InvalidRequestError("prompt is empty")
-        prompt = list(prompt_token_ids)
+        try:  # numpy / torch integers are fine; floats and strings are not
+            prompt = [operator.index(t) for t in prompt_token_ids]
+        except TypeError:
+            raise InvalidRequestError("prompt token ids must be integers") from None
         vocab = self.model_config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
-            bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)][:8]
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
             raise InvalidRequestError(
-                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad}"
+                f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:8]}"
             )
         return prompt
 

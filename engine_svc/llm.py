@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -67,7 +67,7 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results come back in the order of ``prompts``."""
@@ -108,12 +108,20 @@ class LLM:
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template and generate a reply."""
         tok = self._require_tokenizer()
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [tok.encode(tok.apply_chat_template(c), add_special_tokens=False) for c in convs]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        # The template's end-of-turn token ends the reply even when it is not the model's EOS.
+        end_ids = tok.chat_stop_token_ids()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = _with_stop_ids(sampling_params, end_ids)
+        else:
+            sampling_params = [_with_stop_ids(sp, end_ids) for sp in sampling_params]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # -- internals ---------------------------------------------------------------------------
@@ -129,9 +137,7 @@ class LLM:
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
             return self._require_tokenizer().encode(prompt)
-        if not isinstance(prompt, Sequence) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
+        if not isinstance(prompt, Sequence) and not hasattr(prompt, "tolist"):
             raise InvalidRequestError("a prompt must be a string or a list of token ids (ints)")
         return list(prompt)
 
@@ -202,6 +208,11 @@ class LLM:
         cum = sum(r.logprobs) if r.params.logprobs is not None else None
         reason = r.finish_reason.value if r.finish_reason else None
         return CompletionOutput(index, text, ids, reason, stop_reason, logprobs, cum)
+
+
+def _with_stop_ids(sp: SamplingParams, ids: list[int]) -> SamplingParams:
+    extra = [i for i in ids if i not in sp.stop_token_ids]
+    return replace(sp, stop_token_ids=sp.stop_token_ids + extra) if extra else sp
 
 
 def _lp_dict(token: int, lp: float, top: list[tuple[int, float]]) -> dict[int, float]:

@@ -132,6 +132,9 @@ BAD = [
     ([5], SamplingParams(stop_token_ids=[100000]), InvalidRequestError, "vocabulary"),
     ([5], SamplingParams(logit_bias={4096: 1.0}), InvalidRequestError, "vocabulary"),
     ("text", SamplingParams(), InvalidRequestError, "tokenizer"),
+    ([5, 1.5], SamplingParams(), InvalidRequestError, "integers"),
+    ([5, "7"], SamplingParams(), InvalidRequestError, "integers"),
+    (None, SamplingParams(), InvalidRequestError, "string or a list"),
 ]
 
 
@@ -209,3 +212,19 @@ def test_random_add_abort_step_ends_with_every_block_free(model_dir):
     assert not eng.has_unfinished_requests()
     assert bm.num_used_blocks() == 0
     assert bm.num_free_blocks() + bm.num_cached_blocks() == 24
+
+
+def test_numpy_token_ids_accepted(llm):
+    np = pytest.importorskip("numpy")
+    p = np.array(_prompt(9, 21), dtype=np.int64)
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert out.prompt_token_ids == p.tolist() and len(out.outputs[0].token_ids) == 3
+
+
+def test_dummy_weights_keep_the_config(model_dir):
+    llm = LLM(
+        str(model_dir), load_format="dummy", dtype="float32", num_kv_blocks=32, progress=False
+    )
+    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
+    assert llm.engine.model_config.vocab_size == 256
