@@ -58,7 +58,8 @@ class WaitingQueue:
     """Priority queue by (priority, arrival); O(log n) push/pop, O(1) lazy removal."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[tuple[int, int], Request]] = []
+        self._heap: list[tuple[tuple[int, int], int, Request]] = []
+        self._pushes = 0  # tie-break so the heap never compares Request objects
         # id -> the queued object: an id may be reused after an abort, and the aborted request's
         # stale heap entry must not pass for the new one.
         self._live: dict[str, Request] = {}
@@ -67,13 +68,14 @@ class WaitingQueue:
         return len(self._live)
 
     def push(self, req: Request) -> None:
-        heapq.heappush(self._heap, (req.sort_key, req))
+        self._pushes += 1
+        heapq.heappush(self._heap, (req.sort_key, self._pushes, req))
         self._live[req.request_id] = req
 
     def peek(self) -> Request | None:
-        while self._heap and self._live.get(self._heap[0][1].request_id) is not self._heap[0][1]:
+        while self._heap and self._live.get(self._heap[0][2].request_id) is not self._heap[0][2]:
             heapq.heappop(self._heap)
-        return self._heap[0][1] if self._heap else None
+        return self._heap[0][2] if self._heap else None
 
     def pop(self) -> Request:
         req = self.peek()
