@@ -43,6 +43,7 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [num_seqs + 1]
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size]
+    num_splits: int = 1,  # split-KV partitions in the Triton kernel; the result is the same
 ) -> torch.Tensor:
     """Causal attention of a mixed varlen batch against the paged KV cache.
 

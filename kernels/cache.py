@@ -1,0 +1,96 @@
+"""``reshape_and_cache``: write this step's K and V into their paged-cache slots in one launch.
+
+One program per token; a slot of -1 marks a padded row (a CUDA-graph batch padded up to its
+captured size) and its program returns before touching the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_size]
+    value_ptr,  # [num_tokens, num_kv_heads, head_size]
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping_ptr,  # [num_tokens] int64
+    stride_kt: tl.int64,
+    stride_kh: tl.int64,
+    stride_vt: tl.int64,
+    stride_vh: tl.int64,
+    stride_kcb: tl.int64,
+    stride_kcs: tl.int64,
+    stride_kch: tl.int64,
+    stride_vcb: tl.int64,
+    stride_vcs: tl.int64,
+    stride_vch: tl.int64,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_PAD)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
+    k = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
+    k_dst = key_cache_ptr + block * stride_kcb + offset * stride_kcs + h * stride_kch + d
+    v_dst = value_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch + d
+    tl.store(k_dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Triton launcher of ``kernels.reference.reshape_and_cache``."""
+    num_tokens, num_kv_heads, head_size = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+    if key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"caches {tuple(key_cache.shape)} / {tuple(value_cache.shape)} do not fit "
+            f"keys of shape {tuple(key.shape)}"
+        )
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (num_tokens,):
+        raise ValueError("slot_mapping must be int64 of shape [num_tokens]")
+    for name, t in (("key", key), ("value", value), ("key_cache", key_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head) dimension")
+    if value_cache.stride(-1) != 1:
+        raise ValueError("value_cache must be contiguous in its last (head) dimension")
+    if num_tokens == 0:
+        return
+    _reshape_and_cache_kernel[(num_tokens,)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        *key_cache.stride()[:3],
+        *value_cache.stride()[:3],
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_SIZE=head_size,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HEAD_PAD=triton.next_power_of_2(head_size),
+        BLOCK_SIZE=key_cache.shape[1],
+    )

@@ -1,0 +1,135 @@
+"""Neox-style rotary embedding of q and k in one launch, one program per token.
+
+Scaling variants (Llama 3, linear) live in the cos/sin cache (``rope_cos_sin_cache``), so one
+kernel serves them all. Rounding follows the reference (cos/sin cast to the activation dtype,
+each product and the sum rounded), which is what Hugging Face Llama does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(
+    src_ptr,
+    dst_ptr,
+    stride_t: tl.int64,  # source strides (a view into the fused qkv output)
+    stride_h: tl.int64,
+    token,
+    cos,  # [HALF_PAD] in the activation dtype, as float32
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    TAIL_PAD: tl.constexpr,  # head_size - 2 * HALF unrotated dims (partial rotary), padded
+):
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < NUM_HEADS) & (d < HALF)
+    base = token * stride_t + h * stride_h
+    dst = dst_ptr + token * (NUM_HEADS * HEAD_SIZE) + h * HEAD_SIZE  # contiguous output
+    ty = dst_ptr.dtype.element_ty
+    x1 = tl.load(src_ptr + base + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + base + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    a1 = (x1 * cos[None, :]).to(ty).to(tl.float32)
+    b1 = (x2 * sin[None, :]).to(ty).to(tl.float32)
+    a2 = (x2 * cos[None, :]).to(ty).to(tl.float32)
+    b2 = (x1 * sin[None, :]).to(ty).to(tl.float32)
+    tl.store(dst + d, (a1 - b1).to(ty), mask=mask)
+    tl.store(dst + HALF + d, (a2 + b2).to(ty), mask=mask)
+    if TAIL_PAD > 0:
+        e = tl.arange(0, TAIL_PAD)[None, :]
+        tail_mask = (h < NUM_HEADS) & (e < HEAD_SIZE - 2 * HALF)
+        tail = tl.load(src_ptr + base + 2 * HALF + e, mask=tail_mask)
+        tl.store(dst + 2 * HALF + e, tail, mask=tail_mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_out_ptr,  # [num_tokens, num_heads, head_size] contiguous
+    k_out_ptr,  # [num_tokens, num_kv_heads, head_size] contiguous
+    q_ptr,  # [num_tokens, num_heads, head_size]
+    k_ptr,  # [num_tokens, num_kv_heads, head_size]
+    positions_ptr,  # [num_tokens]
+    cos_sin_ptr,  # [max_position, 2 * HALF] float32: cos half | sin half
+    stride_qt: tl.int64,
+    stride_qh: tl.int64,
+    stride_kt: tl.int64,
+    stride_kh: tl.int64,
+    stride_cs: tl.int64,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    KV_HEADS_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    TAIL_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)
+    ty = q_out_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0)
+    cos = cos.to(ty).to(tl.float32)
+    sin = sin.to(ty).to(tl.float32)
+    _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, token, cos, sin,
+                  NUM_HEADS, HEAD_SIZE, HALF, HEADS_PAD, HALF_PAD, TAIL_PAD)  # fmt: skip
+    _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, token, cos, sin,
+                  NUM_KV_HEADS, HEAD_SIZE, HALF, KV_HEADS_PAD, HALF_PAD, TAIL_PAD)  # fmt: skip
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos half | sin half
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher of ``kernels.reference.rotary_embedding``; returns new (q, k)."""
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads = key.shape[1]
+    rot = cos_sin_cache.shape[1]
+    if key.shape[0] != num_tokens or key.shape[2] != head_size:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not match")
+    if rot % 2 or rot > head_size:
+        raise ValueError(f"rotary dim {rot} must be even and <= head size {head_size}")
+    if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("cos_sin_cache must be float32 with contiguous rows")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or positions.shape != (num_tokens,):
+        raise ValueError("query/key need contiguous heads; positions must be [num_tokens]")
+    if key.dtype != query.dtype:
+        raise ValueError("query and key must share one dtype")
+    q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    half = rot // 2
+    tail = head_size - rot
+    _rotary_kernel[(num_tokens,)](
+        q_out,
+        k_out,
+        query,
+        key,
+        positions,
+        cos_sin_cache,
+        query.stride(0),
+        query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        cos_sin_cache.stride(0),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_SIZE=head_size,
+        HALF=half,
+        HEADS_PAD=triton.next_power_of_2(num_heads),
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        HALF_PAD=triton.next_power_of_2(half),
+        TAIL_PAD=triton.next_power_of_2(tail) if tail else 0,
+    )
+    return q_out, k_out
