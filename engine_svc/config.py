@@ -34,6 +34,9 @@ class EngineConfig:
     seed: int = 0
     progress: bool = True  # progress bars on model fetch and load
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV + activations
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -56,6 +59,12 @@ class EngineConfig:
             raise InvalidRequestError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidRequestError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}"
@@ -74,7 +83,17 @@ def cpu_has_native_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return DTYPES[name]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine_svc.block_manager import BlockManager
-from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_dtype
+from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_device, resolve_dtype
 from engine_svc.errors import ContextLengthError, InvalidRequestError
 from engine_svc.model_config import ModelConfig
 from engine_svc.model_loader import dummy_model, load_model
@@ -55,13 +55,30 @@ def resolve_model_path(model: str | None, progress: bool) -> Path:
     return path
 
 
+def _make_cuda_runner(model, cfg: ModelConfig, dtype: torch.dtype, config: EngineConfig, device):
+    from engine_svc.cuda_runner import CudaModelRunner  # imports triton
+
+    return CudaModelRunner(
+        model,
+        cfg,
+        dtype,
+        config.block_size,
+        config.max_num_seqs,
+        config.max_num_batched_tokens,
+        config.gpu_memory_utilization,
+        config.enforce_eager,
+        device,
+    )
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         if model_config is None:
             self.model_path = resolve_model_path(config.model, config.progress)
             model_config = ModelConfig.from_dir(self.model_path)
@@ -69,13 +86,18 @@ class LLMEngine:
             self.model_path = None
         self.model_config = model_config
         if config.load_format == "dummy" or self.model_path is None:
-            model = dummy_model(model_config, self.dtype, config.seed)
+            model = dummy_model(model_config, self.dtype, config.seed, self.device)
         else:
             model = load_model(self.model_path, model_config, self.dtype, config.progress)
         mc = self.model_config
         max_len = config.max_model_len or mc.max_position_embeddings
+        cuda_runner = None
+        if self.device.type == "cuda":
+            cuda_runner = _make_cuda_runner(model, mc, self.dtype, config, self.device)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
+        elif cuda_runner is not None:
+            num_blocks = cuda_runner.profile_num_blocks()
         else:
             budget = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
             num_blocks = budget // (mc.kv_bytes_per_token(self.dtype) * config.block_size)
@@ -100,7 +122,11 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(model, mc, self.dtype, num_blocks, config.block_size, max_len)
+        if cuda_runner is not None:
+            cuda_runner.init_kv_cache(num_blocks, max_len)
+            self.runner = cuda_runner
+        else:
+            self.runner = ModelRunner(model, mc, self.dtype, num_blocks, config.block_size, max_len)
         self.sampler = Sampler()
         self._seq = itertools.count()
         self.last_step = StepStats()
@@ -125,7 +151,7 @@ class LLMEngine:
         for i, rid in enumerate(ids):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator().manual_seed(params.seed + i)
+                gen = torch.Generator(self.device).manual_seed(params.seed + i)
             reqs.append(
                 Request(
                     request_id=rid,

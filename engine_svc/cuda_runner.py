@@ -1,0 +1,259 @@
+"""The model runner on a CUDA GPU: Triton kernels, KV cache sized by a profile run, decode
+steps replayed from CUDA graphs. Same contract as ``engine_svc.model_runner.ModelRunner``:
+``execute(SchedulerOutput) -> RunnerOutput``.
+
+Construction is in two phases because the KV cache size depends on what the model needs:
+``profile_num_blocks()`` runs the worst-case step (``max_num_batched_tokens`` tokens) and
+turns ``gpu_memory_utilization`` of the device into a block count; the engine then sizes its
+block manager and calls ``init_kv_cache(num_blocks)``, which allocates the cache and captures
+the decode graphs (they hold the cache's address).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine_svc.cuda_forward import BatchTensors, forward
+from engine_svc.cuda_graphs import DecodeGraphs, capture_sizes
+from engine_svc.model import LlamaModel
+from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
+from engine_svc.model_runner import RunnerOutput
+from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
+
+log = logging.getLogger("pagedserve.cuda_runner")
+
+MAX_SPLITS = 16
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Split-KV partitions so a decode launch has about two programs per SM (a power of two).
+
+    It depends on the batch size only, so one captured graph serves every context length;
+    short contexts leave some splits empty, which exit at once.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    splits = 1
+    while splits < MAX_SPLITS and programs * splits < 2 * num_sms:
+        splits *= 2
+    return splits
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class CudaModelRunner:
+    def __init__(
+        self,
+        model: LlamaModel,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        gpu_memory_utilization: float = 0.9,
+        enforce_eager: bool = False,
+        device: torch.device | str = "cuda",
+    ) -> None:
+        from kernels import triton_ops  # triton is only needed (and maybe only installed) here
+
+        self.ops = triton_ops
+        self.device = torch.device(device)
+        self.cfg, self.dtype, self.block_size = cfg, dtype, block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.enforce_eager = enforce_eager
+        torch.cuda.set_device(self.device)
+        free, self.total_memory = torch.cuda.mem_get_info(self.device)
+        # Memory in use before we load anything (other processes, our CUDA context) counts
+        # against the utilization budget, as in vLLM.
+        self.used_before = self.total_memory - free
+        self.model = model.to(self.device)
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.kv_caches: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings).to(self.device)
+
+    # -- startup ------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        return self.cfg.kv_bytes_per_token(self.dtype) * self.block_size
+
+    @torch.inference_mode()
+    def profile_num_blocks(self) -> int:
+        """Run the largest step the scheduler can send and size the KV cache to what is left
+        of ``gpu_memory_utilization * total`` after weights, peak activations and the memory
+        outside torch's allocator (CUDA context, cuBLAS workspaces, Triton modules)."""
+        num_tokens = self.max_num_batched_tokens
+        num_seqs = max(1, min(self.max_num_seqs, num_tokens))
+        blocks_per_seq = _cdiv(_cdiv(num_tokens, num_seqs), self.block_size)
+        profile_blocks = num_seqs * blocks_per_seq
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._allocate_kv(profile_blocks)
+        lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+        batch = self._prefill_batch(lens, blocks_per_seq)
+        hidden = forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache)
+        # The sampler's float32 logits for every sequence are part of the peak.
+        logits = self.model.compute_logits(hidden[: self.max_num_seqs]).float()
+        torch.softmax(logits, dim=-1)
+        torch.cuda.synchronize(self.device)
+        del hidden, logits
+        peak = torch.cuda.max_memory_allocated(self.device)
+        profile_kv = self.kv_caches.numel() * self.kv_caches.element_size()
+        self.kv_caches = None
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = (total - free) - self.used_before - torch.cuda.memory_reserved(self.device)
+        activations = peak - profile_kv
+        # Decode graphs keep their own pool: at most one max-batch decode's activations.
+        graph_reserve = 0 if self.enforce_eager else activations * self.max_num_seqs // num_tokens
+        budget = (
+            self.gpu_memory_utilization * total
+            - self.used_before
+            - max(non_torch, 0)
+            - activations
+            - graph_reserve
+        )
+        num_blocks = int(budget // self.kv_bytes_per_block())
+        log.info(
+            "profile: weights+activations %.2f GiB, non-torch %.2f GiB, KV budget %.2f GiB "
+            "= %d blocks",
+            activations / 2**30,
+            max(non_torch, 0) / 2**30,
+            max(budget, 0) / 2**30,
+            num_blocks,
+        )
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                f"{self.gpu_memory_utilization}: raise it or lower max_num_batched_tokens"
+            )
+        torch.cuda.empty_cache()
+        return num_blocks
+
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        self._allocate_kv(num_blocks)
+        self.max_blocks_per_seq = _cdiv(max_model_len, self.block_size)
+        if max_model_len > self.cos_sin_cache.shape[0]:
+            self.cos_sin_cache = rope_cos_sin_cache(self.cfg, max_model_len).to(self.device)
+        if self.enforce_eager:
+            return
+        self.graphs = DecodeGraphs(
+            self._forward,
+            capture_sizes(self.max_num_seqs),
+            self.max_blocks_per_seq,
+            lambda n: decode_num_splits(n, self.cfg.num_kv_heads, self.num_sms),
+            self.device,
+        )
+        self.graphs.capture()
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        c = self.cfg
+        # [layers, K|V, blocks, block_size, kv_heads, head_size]: the kernels' block-major layout.
+        # Zeros, not empty: padded graph rows read block 0 and must see finite numbers.
+        self.kv_caches = torch.zeros(
+            c.num_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            c.num_kv_heads,
+            c.head_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _forward(self, batch: BatchTensors) -> torch.Tensor:
+        return forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache)
+
+    def _prefill_batch(self, lens: list[int], blocks_per_seq: int) -> BatchTensors:
+        """Fresh prompts of the given lengths, sequence i in blocks [i * bps, (i + 1) * bps)."""
+        slots, positions, tables, starts = [], [], [], [0]
+        for i, n in enumerate(lens):
+            table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            tables.append(table)
+            positions.extend(range(n))
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(n))  # fmt: skip
+            starts.append(starts[-1] + n)
+        return self._to_device(
+            [0] * len(positions), positions, slots, tables, lens, starts, num_splits=1
+        )
+
+    def _to_device(self, ids, positions, slots, tables, seq_lens, starts, num_splits):
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+
+        def put(values, dtype):
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
+
+        return BatchTensors(
+            input_ids=put(ids, torch.int64),
+            positions=put(positions, torch.int64),
+            slot_mapping=put(slots, torch.int64),
+            block_tables=put(padded, torch.int32),
+            seq_lens=put(seq_lens, torch.int32),
+            query_start_loc=put(starts, torch.int32),
+            num_splits=num_splits,
+        )
+
+    # -- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        if self.kv_caches is None:
+            raise RuntimeError("init_kv_cache() must run before execute()")
+        seqs: list[ScheduledSeq] = list(sched.seqs)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens, tables, starts = [], [], [0]
+        bs = self.block_size
+        for s in seqs:
+            start = s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            table = s.block_table
+            ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            tables.append(table[: _cdiv(end, bs)])
+            starts.append(starts[-1] + s.num_new_tokens)
+        decode_only = len(ids) == len(seqs)
+        splits = decode_num_splits(len(seqs), self.cfg.num_kv_heads, self.num_sms)
+        batch = self._to_device(
+            ids, positions, slots, tables, seq_lens, starts, splits if decode_only else 1
+        )
+        if decode_only and self.graphs is not None and self.graphs.padded_size(len(seqs)):
+            hidden = self.graphs.replay(
+                batch.input_ids,
+                batch.positions,
+                batch.slot_mapping,
+                batch.seq_lens,
+                batch.block_tables,
+            )
+        else:
+            hidden = self._forward(batch)
+        return self._logits(seqs, hidden)
+
+    def _logits(self, seqs: list[ScheduledSeq], hidden: torch.Tensor) -> RunnerOutput:
+        out = RunnerOutput()
+        rows: list[int] = []
+        prompt_rows: list[tuple[str, int, int]] = []
+        offset = 0
+        for s in seqs:
+            end = offset + s.num_new_tokens
+            r = s.request
+            if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
+                prompt_rows.append((r.request_id, offset, end))
+            if s.samples:
+                out.sample_seqs.append(s)
+                rows.append(end - 1)
+            offset = end
+        if rows:
+            idx = torch.tensor(rows, device=self.device)
+            out.sample_logits = self.model.compute_logits(hidden[idx]).float()
+        for rid, a, b in prompt_rows:
+            out.prompt_logits[rid] = self.model.compute_logits(hidden[a:b]).float()
+        return out

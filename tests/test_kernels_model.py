@@ -1,0 +1,113 @@
+"""The CUDA path's model forward (``engine_svc.cuda_forward``) on the CPU: with the reference
+ops it must give the CPU model's hidden states, and with the Triton kernels (interpreted here)
+the same within rounding. Plus the pure helpers of the graph runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_svc.attention import build_metadata
+from engine_svc.cuda_forward import BatchTensors, forward
+from engine_svc.cuda_graphs import capture_sizes
+from engine_svc.cuda_runner import decode_num_splits
+from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
+from engine_svc.model_loader import dummy_model
+from kernels import reference
+
+BLOCK = 16
+
+
+def _tiny_cfg() -> ModelConfig:
+    return ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 256,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+            },
+        }
+    )
+
+
+def _run_both(ops, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two steps (a mixed prefill, then decodes over the cached KV) through the CPU model and
+    through cuda_forward with ``ops``; returns the second step's hidden states of each."""
+    cfg = _tiny_cfg()
+    model = dummy_model(cfg, dtype, seed=3)
+    for p in model.parameters():  # wider weights: 0.02 would make every hidden state alike
+        p.data.mul_(10 if p.dim() > 1 else 1)
+    num_blocks = 24
+    tables = [[5, 2, 9], [0, 7], [11, 3, 4, 8]]
+    gen = torch.Generator().manual_seed(0)
+    cs = rope_cos_sin_cache(cfg, 256)
+    half = cs.shape[1] // 2
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).to(dtype)
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).to(dtype)
+    cpu_kv = torch.zeros(2, 2, 2, num_blocks, BLOCK, 16, dtype=dtype)  # heads outer
+    gpu_kv = torch.zeros(2, 2, num_blocks, BLOCK, 2, 16, dtype=dtype)  # block-major
+    lens_done = [0, 0, 0]
+    outs = []
+    for q_lens in ([20, 9, 40], [1, 1, 1]):
+        seq_lens = [d + q for d, q in zip(lens_done, q_lens)]
+        ids = torch.randint(0, 64, (sum(q_lens),), generator=gen)
+        pos = torch.cat([torch.arange(d, s) for d, s in zip(lens_done, seq_lens)])
+        meta = build_metadata(q_lens, seq_lens, tables, BLOCK)
+        want = model(ids, cos[pos][:, None], sin[pos][:, None], cpu_kv, meta)
+        starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        batch = BatchTensors(
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=meta.slot_mapping,
+            block_tables=torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=starts,
+            num_splits=2 if q_lens == [1, 1, 1] else 1,
+        )
+        got = forward(model, ops, batch, gpu_kv, cs)
+        outs.append((got, want))
+        lens_done = seq_lens
+    return outs[1]
+
+
+def test_forward_with_reference_ops_equals_cpu_model():
+    got, want = _run_both(reference, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_with_triton_kernels_equals_cpu_model(dtype):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors need the interpreter; tests/test_gpu.py covers CUDA")
+    from kernels import triton_ops
+
+    got, want = _run_both(triton_ops, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_capture_sizes():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]  # every allowed decode batch has a graph
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(256)[-3:] == [240, 248, 256] and len(capture_sizes(256)) == 35
+
+
+def test_decode_num_splits_fills_the_gpu():
+    assert decode_num_splits(1, 8, 132) == 16  # capped
+    assert decode_num_splits(8, 8, 132) == 8  # 64 programs * 8 >= 264
+    assert decode_num_splits(64, 8, 132) == 1
+    assert decode_num_splits(256, 1, 132) == 2
