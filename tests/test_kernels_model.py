@@ -111,3 +111,17 @@ def test_decode_num_splits_fills_the_gpu():
     assert decode_num_splits(8, 8, 132) == 8  # 64 programs * 8 >= 264
     assert decode_num_splits(64, 8, 132) == 1
     assert decode_num_splits(256, 1, 132) == 2
+
+
+def test_gpu_bench_replaces_only_its_own_section(tmp_path):
+    from benchmarks.gpu_bench import SECTION_END, SECTION_START, write_section
+
+    doc = tmp_path / "benchmarks.md"
+    other = "<!-- offline_throughput:start -->\nCPU table\n<!-- offline_throughput:end -->"
+    doc.write_text(f"# Benchmarks\n\n{other}\n")
+    write_section(doc, "first run")
+    write_section(doc, "second run")
+    text = doc.read_text()
+    assert other in text
+    assert text.count(SECTION_START) == 1 and text.count(SECTION_END) == 1
+    assert "second run" in text and "first run" not in text
