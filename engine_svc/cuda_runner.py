@@ -66,13 +66,16 @@ class CudaModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
-        torch.cuda.set_device(self.device)
-        free, self.total_memory = torch.cuda.mem_get_info(self.device)
-        # Memory in use before we load anything (other processes, our CUDA context) counts
-        # against the utilization budget, as in vLLM.
-        self.used_before = self.total_memory - free
+        self.used_before, self.num_sms = 0, 1
+        # device="cpu" runs this runner with interpreted kernels (tests only): no CUDA queries.
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Memory in use before we load anything (other processes, our CUDA context) counts
+            # against the utilization budget, as in vLLM.
+            self.used_before = total - free
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.model = model.to(self.device)
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.kv_caches: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.cos_sin_cache = rope_cos_sin_cache(cfg, cfg.max_position_embeddings).to(self.device)
@@ -187,7 +190,8 @@ class CudaModelRunner:
         dev = self.device
 
         def put(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
+            pinned = dev.type == "cuda"  # pinned host memory makes the copy asynchronous
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(dev, non_blocking=True)
 
         return BatchTensors(
             input_ids=put(ids, torch.int64),
