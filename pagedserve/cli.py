@@ -56,6 +56,52 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="do not reuse KV blocks of identical prompt prefixes",
     )
     g.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling")
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs; auto = cuda when a GPU is visible, else cpu",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: share of GPU memory for weights, activations and KV cache; the KV cache "
+        "gets what a profile run leaves",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    g.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the engine (default: torch's choice, one per core)",
+    )
+
+
+def _engine_argv(a: argparse.Namespace) -> list[str]:
+    """The engine flags of a parsed command line, to pass on to an engine child process."""
+    argv = ["--dtype", a.dtype, "--load-format", a.load_format, "--block-size", str(a.block_size)]
+    argv += ["--max-num-seqs", str(a.max_num_seqs), "--seed", str(a.seed)]
+    argv += ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+    argv += ["--device", a.device, "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    if a.enforce_eager:
+        argv.append("--enforce-eager")
+    for flag, value in (
+        ("--model", a.model),
+        ("--kv-cache-memory", a.kv_cache_memory),
+        ("--max-model-len", a.max_model_len),
+        ("--num-threads", a.num_threads),
+        ("--served-model-name", getattr(a, "served_model_name", None)),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if a.no_prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
 
 
 def _bytes(text: str) -> int:
@@ -78,6 +124,10 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         max_num_batched_tokens=a.max_num_batched_tokens,
         enable_prefix_caching=not a.no_prefix_caching,
         seed=a.seed,
+        num_threads=a.num_threads,
+        device=a.device,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        enforce_eager=a.enforce_eager,
     )
 
 
@@ -146,7 +196,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     _add_engine_args(p)
     p.set_defaults(func=cmd_generate)
+    _add_serving_commands(sub)
     return parser
+
+
+def _add_serving_commands(sub) -> None:
+    from pagedserve import serve
+
+    p = sub.add_parser(
+        "up",
+        help="run the whole server locally: engine, tokenizer workers and gRPC gateway",
+        description="Start the engine, the tokenizer workers and the gRPC gateway as supervised "
+        "local processes (talking over ipc:// sockets in a run directory), print where it "
+        "listens once every part is ready, and stop them all on Ctrl-C. The default model is "
+        "fetched and converted on first use.",
+    )
+    serve.add_gateway_args(p, standalone=False)
+    serve.add_tokenizer_args(p, standalone=False)
+    _add_engine_args(p)
+    _add_model_name_arg(p)
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="directory for the ipc sockets (default: a new temporary directory)",
+    )
+    serve.add_log_arg(p)
+    p.set_defaults(func=lambda a: serve.cmd_up(a, _engine_argv(a)))
+
+    p = sub.add_parser(
+        "engine",
+        help="run the engine process alone (block manager, scheduler, model)",
+        description="Load the model and serve tokenizer workers over ZeroMQ.",
+    )
+    serve.add_engine_listen_args(p)
+    _add_engine_args(p)
+    _add_model_name_arg(p)
+    serve.add_log_arg(p)
+    p.set_defaults(func=lambda a: serve.cmd_engine(a, _engine_kwargs(a)))
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="run the tokenizer/detokenizer worker pool alone",
+        description="Run tokenizer workers between the gateway and the engine: tokenize and "
+        "render chat templates on the way in, detokenize and apply stop strings on the way out.",
+    )
+    serve.add_tokenizer_args(p, standalone=True)
+    serve.add_log_arg(p)
+    p.set_defaults(func=serve.cmd_tokenizer)
+
+    p = sub.add_parser(
+        "gateway",
+        help="run the gRPC gateway alone",
+        description="Serve the pagedserve.v1.Inference gRPC API (plus health and reflection) "
+        "and route requests to the tokenizer workers.",
+    )
+    serve.add_gateway_args(p, standalone=True)
+    serve.add_log_arg(p)
+    p.set_defaults(func=serve.cmd_gateway)
+
+    p = sub.add_parser(
+        "health",
+        help="exit 0 if the server (or an engine) says it is ready",
+        description="Ask the gateway's grpc.health.v1 service (or an engine over ZeroMQ) whether "
+        "it is ready; exit 0 if so, 1 otherwise. Meant for container health checks.",
+    )
+    serve.add_health_args(p)
+    p.set_defaults(func=serve.cmd_health)
+
+
+def _add_model_name_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id clients see and may send in 'model' (default: the model's name)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""The gRPC gateway: validation, auth, deadlines, streaming, health, reflection, metrics."""

@@ -1,0 +1,182 @@
+"""Public requests -> internal TextRequest, validating every field (limits in GetModelInfo).
+
+Raises ``InvalidRequestError`` (-> INVALID_ARGUMENT) with a message that names the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine_svc.errors import InvalidRequestError
+from engine_svc.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
+from pagedserve.ipc import params_to_proto
+from protos.pagedserve.internal.v1 import ipc_pb2
+from protos.pagedserve.v1 import inference_pb2 as pb
+
+# Sampling fields that map one to one onto SamplingParams (same names on both).
+_SCALARS = (
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "ignore_eos",
+    "n",
+    "logprobs",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+_FLOATS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+}
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_prompt_chars: int = 1_000_000
+    max_messages: int = 1024
+    max_request_id_len: int = 256
+    default_max_tokens: int = 256
+
+    def to_proto(self) -> pb.Limits:
+        return pb.Limits(
+            max_n=MAX_N,
+            max_logprobs=MAX_LOGPROBS,
+            max_stop_strings=MAX_STOP_STRINGS,
+            max_stop_token_ids=MAX_STOP_TOKEN_IDS,
+            max_logit_bias=MAX_LOGIT_BIAS,
+            max_prompt_chars=self.max_prompt_chars,
+            max_messages=self.max_messages,
+        )
+
+
+def sampling_params(req: pb.GenerateRequest | pb.ChatRequest) -> SamplingParams:
+    """SamplingParams from the flat request fields: unset fields keep the defaults."""
+    kwargs = {}
+    for name in _SCALARS:
+        if req.HasField(name):
+            v = getattr(req, name)
+            # float32 on the wire: 0.7 arrives as 0.699999988; 7 significant digits give back
+            # what the client wrote.
+            kwargs[name] = float(f"{v:.7g}") if name in _FLOATS else v
+    if req.stop:
+        kwargs["stop"] = list(req.stop)
+    if req.stop_token_ids:
+        kwargs["stop_token_ids"] = list(req.stop_token_ids)
+    if req.logit_bias:
+        kwargs["logit_bias"] = dict(req.logit_bias)
+    if req.HasField("top_k") and req.top_k < -1:
+        raise InvalidRequestError(f"top_k must be -1, 0 (off) or >= 1, got {req.top_k}")
+    if kwargs.get("max_tokens") == 0:
+        raise InvalidRequestError("max_tokens must be >= 1 (leave it unset for the default)")
+    if kwargs.get("n") == 0:
+        raise InvalidRequestError(f"n must be in [1, {MAX_N}], got 0")
+    return SamplingParams(**kwargs)
+
+
+def text_request(
+    req: pb.GenerateRequest | pb.ChatRequest,
+    request_id: str,
+    info: ipc_pb2.EngineInfo,
+    limits: Limits,
+) -> ipc_pb2.TextRequest:
+    sp = sampling_params(req)
+    sp.check_vocab(info.vocab_size)
+    out = ipc_pb2.TextRequest(
+        request_id=request_id,
+        params=params_to_proto(sp),
+        stop=sp.stop,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        skip_special_tokens=sp.skip_special_tokens,
+        echo=req.echo,
+        return_prompt_token_ids=req.return_prompt_token_ids,
+        priority=req.priority,
+        default_max_tokens=limits.default_max_tokens,
+    )
+    if isinstance(req, pb.ChatRequest):
+        out.chat.CopyFrom(conversation(req.messages, req, limits))
+    else:
+        _prompt(req, out, info, limits)
+    return out
+
+
+def _prompt(
+    req: pb.GenerateRequest, out: ipc_pb2.TextRequest, info: ipc_pb2.EngineInfo, limits: Limits
+) -> None:
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequestError("set the prompt: text or token_ids")
+    if kind == "text":
+        if not req.text:
+            raise InvalidRequestError("text is empty")
+        if len(req.text) > limits.max_prompt_chars:
+            raise InvalidRequestError(
+                f"text has {len(req.text)} characters; the limit is {limits.max_prompt_chars}"
+            )
+        out.text = req.text
+        out.add_special_tokens = (
+            req.add_special_tokens if req.HasField("add_special_tokens") else True
+        )
+        return
+    ids = list(req.token_ids.ids)
+    if not ids:
+        raise InvalidRequestError("token_ids is empty")
+    if len(ids) >= info.max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {len(ids)} tokens; the context length is {info.max_model_len}"
+        )
+    bad = [t for t in ids if t >= info.vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"token_ids outside the vocabulary [0, {info.vocab_size}): {bad[:8]}"
+        )
+    out.token_ids.ids.extend(ids)
+
+
+def conversation(messages, req, limits: Limits) -> ipc_pb2.Conversation:
+    if not messages:
+        raise InvalidRequestError("messages is empty")
+    if len(messages) > limits.max_messages:
+        raise InvalidRequestError(f"{len(messages)} messages; the limit is {limits.max_messages}")
+    total = 0
+    conv = ipc_pb2.Conversation(
+        add_generation_prompt=(
+            req.add_generation_prompt if req.HasField("add_generation_prompt") else True
+        )
+    )
+    for i, m in enumerate(messages):
+        if not m.role:
+            raise InvalidRequestError(f"messages[{i}].role is empty")
+        total += len(m.content)
+        conv.messages.add(role=m.role, content=m.content)
+    if total > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"messages have {total} characters; the limit is {limits.max_prompt_chars}"
+        )
+    return conv
+
+
+def check_request_id(request_id: str, limits: Limits) -> None:
+    if len(request_id) > limits.max_request_id_len:
+        raise InvalidRequestError(
+            f"request_id is longer than {limits.max_request_id_len} characters"
+        )
+    if not request_id.isprintable() or "#" in request_id or "/" in request_id:
+        raise InvalidRequestError("request_id must be printable, without '#' or '/'")

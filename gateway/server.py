@@ -1,0 +1,177 @@
+"""Assemble the gateway: the Inference service, health (with a real Watch), reflection, the
+API-key interceptor, keepalive settings and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.metrics import Metrics
+from gateway.requests import Limits
+from gateway.service import BadRequest, InferenceService
+from gateway.workers import WorkerPool
+from protos.pagedserve.v1 import inference_pb2 as pb
+
+log = logging.getLogger("pagedserve.gateway")
+
+SERVICE = "pagedserve.v1.Inference"
+# Methods a client may call without the API key: load balancers and grpcurl need them.
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    host: str = "localhost"
+    port: int = 50051
+    workers_address: str = "ipc:///tmp/pagedserve/gateway.sock"
+    expect_workers: int = 1
+    api_keys: list[str] = field(default_factory=list)
+    max_inflight: int = 1024
+    metrics_host: str = "localhost"
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    limits: Limits = field(default_factory=Limits)
+    grace_s: float = 5.0
+
+
+def _safe(cls):
+    """A deserializer that never raises: bad bytes become a BadRequest (INVALID_ARGUMENT)."""
+
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as e:
+            return BadRequest(str(e) or type(e).__name__)
+
+    return parse
+
+
+def inference_handler(svc: InferenceService) -> grpc.GenericRpcHandler:
+    stream = grpc.unary_stream_rpc_method_handler
+    unary = grpc.unary_unary_rpc_method_handler
+    methods = {
+        "Generate": (stream, svc.Generate, pb.GenerateRequest, pb.GenerateResponse),
+        "Chat": (stream, svc.Chat, pb.ChatRequest, pb.GenerateResponse),
+        "Tokenize": (unary, svc.Tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+        "Detokenize": (unary, svc.Detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
+        "ListModels": (unary, svc.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+        "GetModelInfo": (unary, svc.GetModelInfo, pb.GetModelInfoRequest, pb.ModelInfo),
+        "Abort": (unary, svc.Abort, pb.AbortRequest, pb.AbortResponse),
+    }
+    handlers = {
+        name: make(fn, request_deserializer=_safe(req), response_serializer=resp.SerializeToString)
+        for name, (make, fn, req, resp) in methods.items()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """``authorization: Bearer <key>`` (or ``x-api-key: <key>``) must name a configured key."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = [k.encode() for k in keys]
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        md = dict(details.invocation_metadata or ())
+        auth = md.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else md.get("x-api-key", "")
+        if any(hmac.compare_digest(key.encode(), k) for k in self.keys):
+            return handler
+        message = "missing API key" if not key else "invalid API key"
+        return _denied(handler, message)
+
+
+def _denied(handler, message: str):
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover (makes this an async generator)
+
+    kw = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+SERVER_OPTIONS = [
+    # Long prefills leave streams silent for a while: let clients ping every 10 s and keep
+    # idle connections, instead of answering their pings with GOAWAY.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.pool = WorkerPool(config.workers_address, config.expect_workers)
+        self.metrics = Metrics(self.pool)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.bound_port = 0
+
+    async def start(self) -> None:
+        c = self.config
+        interceptors = [ApiKeyInterceptor(c.api_keys)] if c.api_keys else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        svc = InferenceService(self.pool, c.limits, c.max_inflight, self.metrics)
+        self.server.add_generic_rpc_handlers((inference_handler(svc),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        await self._set_health(False)
+        self.pool.on_health_change = lambda ready: asyncio.ensure_future(self._set_health(ready))
+        await self.pool.start()
+        self.bound_port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        if self.bound_port == 0:
+            raise OSError(f"cannot listen on {c.host}:{c.port}")
+        await self.server.start()
+        if c.metrics_port:
+            self.metrics.serve(c.metrics_host, c.metrics_port)
+        log.info(
+            "gateway listening on %s:%d (workers at %s)", c.host, self.bound_port, c.workers_address
+        )
+
+    async def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE, status)
+
+    async def stop(self) -> None:
+        await self._set_health(False)
+        if self.server is not None:
+            await self.server.stop(self.config.grace_s)
+        await self.pool.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("gateway stopping")
+        await self.stop()

@@ -1,0 +1,213 @@
+"""The gateway's side of ZeroMQ: the tokenizer workers, their health, and request routing.
+
+One ROUTER socket (bound by the gateway; workers connect with their worker id as identity).
+Each open stream has an asyncio queue that the reader task fills with the worker's deltas and
+errors; a request stays on the worker that took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, prepare_bind
+from protos.pagedserve.internal.v1 import ipc_pb2
+
+log = logging.getLogger("pagedserve.gateway")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    ident: bytes
+    status: ipc_pb2.WorkerStatus
+    last_seen: float
+    num_streams: int = 0  # streams this gateway has open on the worker
+
+    @property
+    def ready(self) -> bool:
+        alive = time.monotonic() - self.last_seen < DEAD_AFTER_S
+        return alive and self.status.tokenizer_ready and self.status.engine_ready
+
+
+class WorkerGone(Exception):
+    """The worker holding a stream stopped answering."""
+
+
+@dataclass(slots=True)
+class Stream:
+    request_id: str
+    worker: bytes
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextDelta | RequestError
+
+
+class WorkerPool:
+    def __init__(self, address: str, expect_workers: int = 1) -> None:
+        self.address = address
+        self.expect_workers = expect_workers
+        self.workers: dict[bytes, WorkerState] = {}
+        self.streams: dict[str, Stream] = {}
+        self._calls: dict[str, asyncio.Future] = {}
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.on_health_change: Callable[[bool], None] = lambda ready: None
+        self._was_ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        prepare_bind(self.address)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.bind(self.address)
+        self._tasks = [
+            asyncio.create_task(self._reader(), name="workers-reader"),
+            asyncio.create_task(self._watchdog(), name="workers-watchdog"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(0)
+        self._ctx.term()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return sum(w.ready for w in self.workers.values()) >= self.expect_workers
+
+    def engine_info(self) -> ipc_pb2.EngineInfo | None:
+        for w in self.workers.values():
+            if w.ready:
+                return w.status.engine
+        return None
+
+    def engine_stats(self) -> ipc_pb2.EngineStats | None:
+        live = [w for w in self.workers.values() if w.ready]
+        return max(live, key=lambda w: w.last_seen).status.stats if live else None
+
+    def pick(self) -> WorkerState | None:
+        """The ready worker with the fewest open streams."""
+        ready = [w for w in self.workers.values() if w.ready]
+        return min(ready, key=lambda w: w.num_streams) if ready else None
+
+    # -- streams ---------------------------------------------------------------------------
+    def open(self, request_id: str, worker: WorkerState, msg: ipc_pb2.TextRequest) -> Stream:
+        stream = Stream(request_id, worker.ident)
+        self.streams[request_id] = stream
+        worker.num_streams += 1
+        self._send(worker.ident, ipc_pb2.GatewayToWorker(generate=msg))
+        return stream
+
+    def close_stream(self, stream: Stream, abort: bool) -> None:
+        if self.streams.get(stream.request_id) is not stream:
+            return
+        del self.streams[stream.request_id]
+        w = self.workers.get(stream.worker)
+        if w is not None:
+            w.num_streams -= 1
+        if abort:  # harmless if the request already ended on the worker
+            self.abort(stream)
+
+    def abort(self, stream: Stream) -> None:
+        """Stop the stream's request on its worker and in the engine (within one step)."""
+        abort_msg = ipc_pb2.AbortText(request_ids=[stream.request_id])
+        self._send(stream.worker, ipc_pb2.GatewayToWorker(abort=abort_msg))
+
+    async def call(self, call: ipc_pb2.TokenizeCall, timeout: float) -> ipc_pb2.TokenizeResult:
+        worker = self.pick()
+        if worker is None:
+            raise WorkerGone("no tokenizer worker is ready")
+        call.call_id = uuid.uuid4().hex
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[call.call_id] = fut
+        try:
+            self._send(worker.ident, ipc_pb2.GatewayToWorker(tokenize=call))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._calls.pop(call.call_id, None)
+
+    def _send(self, ident: bytes, msg: ipc_pb2.GatewayToWorker) -> None:
+        # ROUTER sends never block; a message to a vanished worker is dropped, and the
+        # watchdog fails that worker's streams.
+        self._sock.send_multipart([ident, msg.SerializeToString()], copy=False)
+
+    # -- tasks -----------------------------------------------------------------------------
+    async def _reader(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            ident, payload = frames
+            msg = ipc_pb2.WorkerToGateway()
+            try:
+                msg.ParseFromString(payload)
+            except Exception:
+                log.warning("dropping an unparseable message from %r", ident)
+                continue
+            kind = msg.WhichOneof("kind")
+            if kind == "batch":
+                self._dispatch(msg.batch)
+            elif kind == "status":
+                self._on_status(ident, msg.status)
+            elif kind == "tokenize":
+                fut = self._calls.get(msg.tokenize.call_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.tokenize)
+
+    def _dispatch(self, batch: ipc_pb2.WorkerBatch) -> None:
+        for err in batch.errors:
+            s = self.streams.get(err.request_id)
+            if s is not None:
+                s.queue.put_nowait(err)
+        for d in batch.deltas:
+            s = self.streams.get(d.request_id)
+            if s is not None:
+                s.queue.put_nowait(d)
+
+    def _on_status(self, ident: bytes, st: ipc_pb2.WorkerStatus) -> None:
+        w = self.workers.get(ident)
+        if w is None:
+            log.info("tokenizer worker %s connected", st.worker_id)
+            self.workers[ident] = WorkerState(ident, st, time.monotonic())
+        else:
+            w.status, w.last_seen = st, time.monotonic()
+        self._check_health()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for ident, w in list(self.workers.items()):
+                if now - w.last_seen > DEAD_AFTER_S:
+                    log.warning("tokenizer worker %s went silent", w.status.worker_id)
+                    del self.workers[ident]
+                    self._fail_streams(ident, "the tokenizer worker serving it stopped answering")
+                elif not w.status.engine_ready:
+                    self._fail_streams(ident, "the engine is not available")
+            self._check_health()
+
+    def _fail_streams(self, ident: bytes, message: str) -> None:
+        for s in self.streams.values():
+            if s.worker == ident:
+                err = ipc_pb2.RequestError(
+                    request_id=s.request_id, code=ipc_pb2.UNAVAILABLE, message=message
+                )
+                s.queue.put_nowait(err)
+
+    def _check_health(self) -> None:
+        ready = self.ready
+        if ready != self._was_ready:
+            self._was_ready = ready
+            log.info("serving" if ready else "not serving")
+            self.on_health_change(ready)

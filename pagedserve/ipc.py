@@ -1,0 +1,89 @@
+"""What every process needs to talk to the others: addresses, timings, message conversion.
+
+Every frame on a socket is one serialized protobuf message from ``protos/`` (no pickle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine_svc.sampling_params import SamplingParams
+from protos.pagedserve.internal.v1 import ipc_pb2
+
+# A part sends a status message every HEARTBEAT_S; a peer silent for DEAD_AFTER_S is gone.
+HEARTBEAT_S = 0.5
+DEAD_AFTER_S = 3.0
+
+
+@dataclass(slots=True, frozen=True)
+class Addresses:
+    """Where the engine and the gateway bind their ROUTER sockets (the workers connect)."""
+
+    engine: str
+    gateway: str
+
+    @classmethod
+    def in_run_dir(cls, run_dir: Path) -> Addresses:
+        return cls(engine=f"ipc://{run_dir}/engine.sock", gateway=f"ipc://{run_dir}/gateway.sock")
+
+
+def prepare_bind(address: str) -> None:
+    """Create the directory of an ipc:// socket and remove a stale socket file."""
+    if not address.startswith("ipc://"):
+        return
+    path = Path(address[len("ipc://") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    # ZeroMQ limits ipc paths to the size of sockaddr_un.sun_path.
+    if len(os.fsencode(str(path))) > 107:
+        raise ValueError(f"ipc socket path is too long (max 107 bytes): {path}")
+
+
+def params_to_proto(p: SamplingParams) -> ipc_pb2.SamplingParams:
+    """The engine-side part of SamplingParams (stop strings stay with the worker)."""
+    m = ipc_pb2.SamplingParams(
+        n=p.n,
+        min_tokens=p.min_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        stop_token_ids=p.stop_token_ids,
+        ignore_eos=p.ignore_eos,
+    )
+    if p.max_tokens is not None:
+        m.max_tokens = p.max_tokens
+    if p.seed is not None:
+        m.seed = p.seed
+    if p.logprobs is not None:
+        m.logprobs = p.logprobs
+    if p.logit_bias:
+        m.logit_bias.update(p.logit_bias)
+    return m
+
+
+def params_from_proto(m: ipc_pb2.SamplingParams) -> SamplingParams:
+    """Rebuild (and so re-validate) the engine's SamplingParams from the wire."""
+    return SamplingParams(
+        n=m.n or 1,
+        max_tokens=m.max_tokens if m.HasField("max_tokens") else None,
+        min_tokens=m.min_tokens,
+        temperature=m.temperature,
+        top_p=m.top_p,
+        top_k=m.top_k,
+        min_p=m.min_p,
+        repetition_penalty=m.repetition_penalty,
+        presence_penalty=m.presence_penalty,
+        frequency_penalty=m.frequency_penalty,
+        logit_bias=dict(m.logit_bias) or None,
+        seed=m.seed if m.HasField("seed") else None,
+        stop_token_ids=list(m.stop_token_ids),
+        ignore_eos=m.ignore_eos,
+        logprobs=m.logprobs if m.HasField("logprobs") else None,
+    )

@@ -1,0 +1,354 @@
+"""The serving commands: ``pagedserve up`` and its three parts ``engine``, ``tokenizer`` and
+``gateway`` (what compose runs, one per container)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pagedserve.ipc import Addresses
+
+DEFAULT_ENGINE_ADDRESS = "tcp://127.0.0.1:5560"
+DEFAULT_GATEWAY_ADDRESS = "tcp://127.0.0.1:5561"
+
+
+def setup_logging(level: str, part: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {part} %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def add_log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity (debug logs every engine step)",
+    )
+
+
+def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
+    g = p.add_argument_group("gateway")
+    g.add_argument(
+        "--host",
+        default="localhost",
+        help="interface the gRPC server listens on (0.0.0.0 or [::] for all)",
+    )
+    g.add_argument("--port", type=int, default=50051, help="gRPC port")
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'authorization: Bearer KEY' (or 'x-api-key: KEY') metadata; repeat for "
+        "several keys (also read from $PAGEDSERVE_API_KEY); health and reflection stay open",
+    )
+    g.add_argument(
+        "--max-inflight",
+        type=int,
+        default=1024,
+        help="most Generate/Chat streams open at once; more get RESOURCE_EXHAUSTED",
+    )
+    g.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens of a request that does not set it (capped by the context)",
+    )
+    g.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=1_000_000,
+        help="longest text prompt (or sum of chat message lengths) in characters",
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="port of the Prometheus /metrics endpoint (0 = off)",
+    )
+    g.add_argument("--metrics-host", default="localhost", help="interface of the metrics endpoint")
+    if standalone:
+        g.add_argument(
+            "--listen",
+            default=DEFAULT_GATEWAY_ADDRESS,
+            help="ZeroMQ address the tokenizer workers connect to (tcp://host:port or ipc://path)",
+        )
+        g.add_argument(
+            "--expect-workers",
+            type=int,
+            default=1,
+            help="report SERVING on health once this many tokenizer workers are ready",
+        )
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
+    g = p.add_argument_group("tokenizer workers")
+    g.add_argument(
+        "--tokenizer-workers",
+        "--workers",
+        dest="tokenizer_workers",
+        type=int,
+        default=2,
+        help="tokenizer/detokenizer worker processes",
+    )
+    if standalone:
+        g.add_argument("--engine", default=DEFAULT_ENGINE_ADDRESS, help="the engine's address")
+        g.add_argument("--gateway", default=DEFAULT_GATEWAY_ADDRESS, help="the gateway's address")
+        g.add_argument(
+            "--tokenizer",
+            default=None,
+            help="model directory to load tokenizer.json from (default: the path the engine "
+            "reports, which must be readable here: a shared volume in compose)",
+        )
+        g.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+
+
+# -- engine ------------------------------------------------------------------------------------
+def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
+    from engine_svc.config import EngineConfig
+    from engine_svc.server import EngineServer
+
+    setup_logging(a.log_level, "engine")
+    server = EngineServer(
+        EngineConfig(model=a.model, **engine_kwargs), a.listen, a.served_model_name
+    )
+    _on_term(server.stop)
+    server.serve()
+    return 0
+
+
+def add_engine_listen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_ENGINE_ADDRESS,
+        help="ZeroMQ address the tokenizer workers connect to (tcp://host:port or ipc://path)",
+    )
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+def cmd_tokenizer(a: argparse.Namespace) -> int:
+    setup_logging(a.log_level, "tokenizer")
+    if a.tokenizer_workers < 1:
+        raise SystemExit("pagedserve: error: --tokenizer-workers must be >= 1")
+    if a.tokenizer_workers == 1:
+        from tokenizer_svc.worker import Worker, new_worker_id
+
+        w = Worker(new_worker_id(a.index), a.gateway, a.engine, a.tokenizer)
+        _on_term(w.stop)
+        w.run()
+        return 0
+    from pagedserve.supervise import Child, Supervisor, python_argv
+
+    base = ["tokenizer", "--workers", "1", "--engine", a.engine, "--gateway", a.gateway]
+    base += ["--log-level", a.log_level] + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
+    sup = Supervisor(
+        [
+            Child(f"tokenizer worker {k}", python_argv(*base, "--index", str(k)))
+            for k in range(a.tokenizer_workers)
+        ]
+    )
+    return _supervise(sup)
+
+
+# -- gateway -----------------------------------------------------------------------------------
+def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: int):
+    from gateway.requests import Limits
+    from gateway.server import GatewayConfig
+
+    keys = list(a.api_key or [])
+    if os.environ.get("PAGEDSERVE_API_KEY"):
+        keys.append(os.environ["PAGEDSERVE_API_KEY"])
+    return GatewayConfig(
+        host=a.host,
+        port=a.port,
+        workers_address=workers_address,
+        expect_workers=expect_workers,
+        api_keys=keys,
+        max_inflight=a.max_inflight,
+        metrics_host=a.metrics_host,
+        metrics_port=a.metrics_port,
+        limits=Limits(max_prompt_chars=a.max_prompt_chars, default_max_tokens=a.default_max_tokens),
+    )
+
+
+def cmd_gateway(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.server import Gateway
+
+    setup_logging(a.log_level, "gateway")
+    cfg = gateway_config(a, a.listen, a.expect_workers)
+    asyncio.run(Gateway(cfg).serve_forever())
+    return 0
+
+
+# -- up ----------------------------------------------------------------------------------------
+def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
+    from pagedserve.supervise import Child, Supervisor, python_argv
+
+    setup_logging(a.log_level, "up")
+    run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="pagedserve-"))
+    addr = Addresses.in_run_dir(run_dir)
+    log_args = ["--log-level", a.log_level]
+    gw = ["gateway", "--listen", addr.gateway, "--expect-workers", str(a.tokenizer_workers)]
+    gw += ["--host", a.host, "--port", str(a.port), "--max-inflight", str(a.max_inflight)]
+    gw += ["--default-max-tokens", str(a.default_max_tokens)]
+    gw += ["--max-prompt-chars", str(a.max_prompt_chars)]
+    gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
+    for k in a.api_key or []:
+        gw += ["--api-key", k]
+    engine = ["engine", "--listen", addr.engine, *engine_argv]
+    sup = Supervisor(
+        [
+            Child("engine", python_argv(*engine, *log_args)),
+            *[
+                Child(
+                    f"tokenizer worker {k}",
+                    python_argv(
+                        "tokenizer",
+                        "--workers",
+                        "1",
+                        "--index",
+                        str(k),
+                        "--engine",
+                        addr.engine,
+                        "--gateway",
+                        addr.gateway,
+                        *log_args,
+                    ),
+                )
+                for k in range(a.tokenizer_workers)
+            ],
+            Child("gateway", python_argv(*gw, *log_args)),
+        ]
+    )
+    where = f"{a.host}:{a.port}"
+    announce = threading.Thread(target=_announce_when_serving, args=(where, a), daemon=True)
+    announce.start()
+    return _supervise(sup)
+
+
+def _announce_when_serving(where: str, a: argparse.Namespace) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = where.replace("0.0.0.0", "127.0.0.1")
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    metrics = (
+        f", metrics on http://{a.metrics_host}:{a.metrics_port}/metrics" if a.metrics_port else ""
+    )
+    print(
+        f"pagedserve is serving on {where} (gRPC, plaintext){metrics}\n"
+        f'  try: grpcurl -plaintext -d \'{{"text": "Hello", "max_tokens": 16}}\' '
+        f"{where} pagedserve.v1.Inference/Generate\n  Ctrl-C stops everything.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _supervise(sup) -> int:
+    stop = threading.Event()
+    _on_term(stop.set)
+    sup.start()
+    code = 0
+    try:
+        while not stop.wait(0.5):
+            reason = sup.check()
+            if reason is not None:
+                print(f"pagedserve: {reason}; stopping", file=sys.stderr)
+                code = 1
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
+    return code
+
+
+def _on_term(fn) -> None:
+    """SIGTERM (and SIGINT) call fn, so a part stops cleanly under compose and supervisors."""
+
+    def handler(signum, frame):
+        fn()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+# -- health ------------------------------------------------------------------------------------
+def cmd_health(a: argparse.Namespace) -> int:
+    """Exit 0 when the part answers that it is ready (for container health checks)."""
+    if a.engine:
+        return _engine_health(a.engine, a.timeout)
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(a.target) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"{a.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    print(f"{a.target}: {name}")
+    return 0 if r.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _engine_health(address: str, timeout: float) -> int:
+    import zmq
+
+    from protos.pagedserve.internal.v1 import ipc_pb2
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IDENTITY, f"health-{os.getpid()}".encode())
+    s.connect(address)
+    try:
+        s.send(ipc_pb2.WorkerToEngine(hello=ipc_pb2.Hello(worker_id="health")).SerializeToString())
+        if not s.poll(int(timeout * 1000)):
+            print(f"{address}: no answer in {timeout}s", file=sys.stderr)
+            return 1
+        msg = ipc_pb2.EngineToWorker.FromString(s.recv())
+    finally:
+        s.close()
+        ctx.term()
+    st = msg.status
+    state = "ready" if st.ready else f"not ready{': ' + st.error if st.error else ' (loading)'}"
+    print(f"{address}: engine {state}")
+    return 0 if st.ready else 1
+
+
+def add_health_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target", default="localhost:50051", help="gateway address (host:port) to check"
+    )
+    p.add_argument("--service", default="", help="health service name ('' = the whole server)")
+    p.add_argument(
+        "--engine",
+        default=None,
+        help="check an engine's ZeroMQ address instead (e.g. tcp://127.0.0.1:5560)",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
