@@ -25,7 +25,7 @@ import zmq
 
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine, StepOutput
-from engine_svc.errors import InvalidRequestError, PagedServeError, QueueFullError
+from engine_svc.errors import InvalidRequestError, QueueFullError
 from engine_svc.request import FinishReason
 from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, params_from_proto, prepare_bind
 from protos.pagedserve.internal.v1 import ipc_pb2
@@ -107,7 +107,10 @@ class EngineIO(threading.Thread):
                 next_beat = now + HEARTBEAT_S
             events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
             if router in events:
-                self._read(router)
+                try:
+                    self._read(router)
+                except Exception:  # the IO thread must survive anything, or the engine is deaf
+                    log.exception("failed to read from the workers")
             if pull in events:
                 while True:
                     try:
@@ -295,9 +298,10 @@ class EngineServer:
             return ipc_pb2.RequestError(
                 request_id=m.request_id, code=ipc_pb2.INVALID_ARGUMENT, message=str(e)
             )
-        except PagedServeError as e:
+        except Exception as e:
+            log.exception("adding request %s failed", m.request_id)
             return ipc_pb2.RequestError(
-                request_id=m.request_id, code=ipc_pb2.INTERNAL, message=str(e)
+                request_id=m.request_id, code=ipc_pb2.INTERNAL, message=f"{type(e).__name__}: {e}"
             )
         for i, r in enumerate(reqs):
             self._owners[r.request_id] = _Owner(ident, m.request_id, i)

@@ -155,15 +155,21 @@ class WorkerPool:
             except Exception:
                 log.warning("dropping an unparseable message from %r", ident)
                 continue
-            kind = msg.WhichOneof("kind")
-            if kind == "batch":
-                self._dispatch(msg.batch)
-            elif kind == "status":
-                self._on_status(ident, msg.status)
-            elif kind == "tokenize":
-                fut = self._calls.get(msg.tokenize.call_id)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg.tokenize)
+            try:
+                self._handle(ident, msg)
+            except Exception:  # the reader must survive anything, or every stream hangs
+                log.exception("failed to handle a message from %r", ident)
+
+    def _handle(self, ident: bytes, msg: ipc_pb2.WorkerToGateway) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "batch":
+            self._dispatch(msg.batch)
+        elif kind == "status":
+            self._on_status(ident, msg.status)
+        elif kind == "tokenize":
+            fut = self._calls.get(msg.tokenize.call_id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.tokenize)
 
     def _dispatch(self, batch: ipc_pb2.WorkerBatch) -> None:
         for err in batch.errors:

@@ -119,7 +119,10 @@ class Worker:
             except Exception:
                 log.warning("dropping an unparseable %s", cls.__name__)
                 continue
-            handler(msg)
+            try:
+                handler(msg)
+            except Exception:  # a bug must not take the worker (and its streams) down
+                log.exception("failed to handle a %s", cls.__name__)
 
     def _send_gateway(self, msg: ipc_pb2.WorkerToGateway, block: bool = True) -> None:
         try:
@@ -288,6 +291,9 @@ class Worker:
             return self._error(rid, ipc_pb2.UNAVAILABLE, str(e))
         except InvalidRequestError as e:
             return self._error(rid, ipc_pb2.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # e.g. a chat template that fails in an unexpected way
+            log.exception("request %s failed in the tokenizer", rid)
+            return self._error(rid, ipc_pb2.INTERNAL, f"tokenizer error: {type(e).__name__}: {e}")
         n = params.n or 1
         act = _Active(req, ids)
         for i in range(n):
@@ -380,6 +386,9 @@ class Worker:
             res.tokens.extend(self._token_text(i) for i in ids)
         except InvalidRequestError as e:
             res.error, res.error_message = ipc_pb2.INVALID_ARGUMENT, str(e)
+        except Exception as e:
+            log.exception("tokenize call failed")
+            res.error, res.error_message = ipc_pb2.INTERNAL, f"{type(e).__name__}: {e}"
         return res
 
     def _error(self, rid: str, code: int, message: str) -> None:
