@@ -199,7 +199,7 @@ def _check_paged_outputs(reqs: list[Request], wl: Workload) -> None:
 
 def warm_up_pagedserve(llm: LLM) -> None:
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.generate([list(range(200, 216)), list(range(300, 309))], params)
+    llm.generate([list(range(200, 216)), list(range(300, 309))], params, use_tqdm=False)
 
 
 # -- transformers --------------------------------------------------------------------------------
@@ -418,16 +418,20 @@ def render_section(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section in ``path`` (or append it), keeping everything else."""
+def write_section(
+    path: Path, section: str, start_marker: str = SECTION_START, end_marker: str = SECTION_END
+) -> None:
+    """Replace the section between the markers in ``path`` (or append it), keeping the rest.
+
+    ``section`` includes the markers; other benchmarks pass their own."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# Benchmarks\n\n" + section)
         return
     text = path.read_text()
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start >= 0 and end > start:
-        text = text[:start] + section.rstrip("\n") + text[end + len(SECTION_END) :]
+        text = text[:start] + section.rstrip("\n") + text[end + len(end_marker) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -33,7 +33,7 @@ class Stack:
     proc: subprocess.Popen
     port: int
     metrics_port: int
-    api_key: str
+    api_key: str | None  # None: the server was started without a key
     run_dir: Path
     log_path: Path
 
@@ -43,7 +43,7 @@ class Stack:
 
     @property
     def auth(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.api_key}"),)
+        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
     def metrics(self) -> dict[str, float]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
@@ -74,19 +74,29 @@ class Stack:
         return [line for line in out.splitlines() if str(self.run_dir) in line]
 
 
-def start_stack(tmp: Path, *extra: str, timeout: float = 300.0) -> Stack:
+def start_stack(
+    tmp: Path, *extra: str, timeout: float = 300.0, api_key: str | None = "test-key"
+) -> Stack:
+    """``pagedserve up`` on free ports with ``extra`` flags, once health says SERVING.
+
+    ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY)."""
     port, metrics_port = free_port(), free_port()
     run_dir = tmp / "run"
     log_path = tmp / "up.log"
     argv = [
         sys.executable, "-m", "pagedserve.cli", "up",
         "--port", str(port), "--metrics-port", str(metrics_port),
-        "--api-key", "test-key", "--run-dir", str(run_dir), *extra,
+        "--run-dir", str(run_dir),
     ]  # fmt: skip
+    if api_key is not None:
+        argv += ["--api-key", api_key]
+    argv += extra
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if api_key is None:
+        env.pop("PAGEDSERVE_API_KEY", None)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    stack = Stack(proc, port, metrics_port, "test-key", run_dir, log_path)
+    stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path)
     wait_serving(stack, timeout)
     return stack
 
