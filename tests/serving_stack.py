@@ -70,7 +70,9 @@ class Stack:
 
     def processes(self) -> list[str]:
         """Command lines of live processes that belong to this stack (by its run dir)."""
-        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True
+        ).stdout
         return [line for line in out.splitlines() if str(self.run_dir) in line]
 
 

@@ -1,0 +1,115 @@
+"""A part of the stack dies: health says NOT_SERVING (seen through a real Health.Watch stream),
+its streams fail with UNAVAILABLE instead of hanging, the supervisor restarts it, health
+comes back, and the server serves again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = start_stack(tmp_path_factory.mktemp("resilience"))
+    yield s
+    assert stop_stack(s) == 0, s.log()
+    assert s.processes() == []
+
+
+def _pid(stack, part: str) -> int:
+    """pid of the stack's child running `pagedserve <part>`."""
+    for line in stack.processes():
+        pid, args = line.strip().split(None, 1)
+        if f"pagedserve.cli {part} " in args:
+            return int(pid)
+    raise AssertionError(f"no {part} process in {stack.processes()}")
+
+
+class Watch:
+    """Collects every status a Health.Watch stream sends, in a thread."""
+
+    def __init__(self, target: str) -> None:
+        self.statuses: list[int] = []
+        self._ch = grpc.insecure_channel(target)
+        self._call = health_pb2_grpc.HealthStub(self._ch).Watch(health_pb2.HealthCheckRequest())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for r in self._call:
+                self.statuses.append(r.status)
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, sequence: list[int], timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if _contains_in_order(self.statuses, sequence):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"watch saw {self.statuses}, wanted {sequence} in order")
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._ch.close()
+
+
+def _contains_in_order(seen: list[int], wanted: list[int]) -> bool:
+    it = iter(seen)
+    return all(any(s == w for s in it) for w in wanted)
+
+
+def _long_stream(stack, client):
+    return client.Generate(
+        pb.GenerateRequest(text="Write forever:", max_tokens=120, ignore_eos=True),
+        metadata=stack.auth,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("part", ["tokenizer", "engine"])
+def test_part_dies_health_drops_streams_fail_then_it_comes_back(stack, part):
+    with grpc.insecure_channel(stack.target) as ch:
+        client = stub(ch)
+        watch = Watch(stack.target)
+        try:
+            watch.wait_for([SERVING])
+            # Open streams on both workers, so one surely sits on the victim.
+            calls = [_long_stream(stack, client) for _ in range(4)]
+            for c in calls:
+                next(c)  # generating
+            os.kill(_pid(stack, part), signal.SIGKILL)
+            codes = []
+            for c in calls:
+                try:
+                    for _ in c:
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+            assert grpc.StatusCode.UNAVAILABLE in codes, codes
+            assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK}, codes
+            watch.wait_for([SERVING, NOT_SERVING, SERVING], timeout=90)
+        finally:
+            watch.close()
+        out = collect(
+            client.Generate(
+                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=60,
+            )
+        )
+        assert out[0]["final"].usage.completion_tokens == 4
+    assert f"{part}" in stack.log() and "restarting" in stack.log()
