@@ -455,7 +455,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="HF-format model directory or .gguf file (default: SmolLM2-135M-Instruct)",
     )
-    ap.add_argument("--dtype", default="bfloat16", help="dtype of both systems' weights and KV")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of both systems' weights and KV; auto = what the engine picks on this CPU "
+        "(bfloat16 with native bf16 matmul, else float32), given to transformers too",
+    )
     ap.add_argument(
         "--workloads",
         default=",".join(WORKLOAD_NAMES),
