@@ -36,10 +36,20 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class FusedDecodes:
+    """All decodes at once for the fused CPU kernel (engine_svc.cpu_decode)."""
+
+    num: int  # rows [0, num) of the flattened batch
+    block_tables: torch.Tensor  # [num, max_blocks] int64, padded with 0 (never read)
+    seq_lens: torch.Tensor  # [num] int64
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: where reshape_and_cache writes each token
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    fused_decodes: FusedDecodes | None = None  # set instead of `decodes` when the kernel is used
 
 
 def build_metadata(
@@ -47,8 +57,11 @@ def build_metadata(
     seq_lens: list[int],
     block_tables: list[list[int]],
     block_size: int,
+    fused_decode: bool = False,
 ) -> AttentionMetadata:
-    """Sequences must come decodes first (query_len == 1), then prefill chunks."""
+    """Sequences must come decodes first (query_len == 1), then prefill chunks.
+
+    ``fused_decode``: plan the decodes for the fused CPU kernel instead of gathered groups."""
     slots: list[int] = []
     for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
         for pos in range(s_len - q_len, s_len):
@@ -58,7 +71,16 @@ def build_metadata(
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
         num_decodes += 1
-    for g0, g1 in _decode_groups(seq_lens[:num_decodes]):
+    if fused_decode and num_decodes:
+        tables = block_tables[:num_decodes]
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        meta.fused_decodes = FusedDecodes(
+            num_decodes,
+            torch.tensor(padded, dtype=torch.int64),
+            torch.tensor(seq_lens[:num_decodes], dtype=torch.int64),
+        )
+    for g0, g1 in [] if meta.fused_decodes else _decode_groups(seq_lens[:num_decodes]):
         lens = seq_lens[g0:g1]
         width = (max(lens) + block_size - 1) // block_size
         padded = [t[:width] + [0] * (width - len(t[:width])) for t in block_tables[g0:g1]]
@@ -123,6 +145,13 @@ def attend(
     out = torch.empty_like(query)
     kvh, hd = key_cache.shape[0], key_cache.shape[3]
     group = query.shape[1] // kvh
+    f = meta.fused_decodes
+    if f is not None:
+        from engine_svc import cpu_decode
+
+        out[: f.num] = cpu_decode.paged_decode(
+            query[: f.num].contiguous(), key_cache, value_cache, f.block_tables, f.seq_lens, scale
+        )
     for g in meta.decodes:
         n = g.end - g.start
         k = _gather(key_cache, g.blocks).view(kvh, n, -1, hd)  # [kvh, n, L, hd]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine_svc import cpu_decode
 from engine_svc.attention import build_metadata
 from engine_svc.model import LlamaModel
 from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
@@ -33,6 +34,9 @@ class ModelRunner:
     ) -> None:
         self.model, self.cfg, self.dtype = model, cfg, dtype
         self.block_size = block_size
+        # The fused CPU decode kernel reads KV blocks in place (no gather copy); the
+        # plain-torch path stays as the fallback when it cannot be built.
+        self.fused_decode = cpu_decode.load() is not None
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
         # (heads outer: see engine_svc.attention.attend).
         self.kv_caches = torch.zeros(
@@ -62,7 +66,7 @@ class ModelRunner:
             q_lens.append(s.num_new_tokens)
             seq_lens.append(end)
             tables.append(s.block_table)
-        meta = build_metadata(q_lens, seq_lens, tables, self.block_size)
+        meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.fused_decode)
         pos = torch.tensor(positions, dtype=torch.int64)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         hidden = self.model(torch.tensor(ids, dtype=torch.int64), cos, sin, self.kv_caches, meta)
