@@ -16,12 +16,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# Triton (CUDA only) compiles a small C launcher at run time: it needs a C compiler.
-RUN if [ "$TORCH_VARIANT" = cuda ]; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends gcc libc6-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi
+# A C/C++ compiler at run time: the CPU engine builds its fused decode-attention kernel on
+# first start (engine_svc/cpu_decode.py; without one it falls back to the slower torch path),
+# and Triton (CUDA) compiles a small C launcher.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 # torch first, as its own layer: `pip install .` below then finds it and keeps it.
 RUN case "$TORCH_VARIANT" in \
