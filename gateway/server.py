@@ -26,6 +26,10 @@ SERVICE = "pagedserve.v1.Inference"
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
+class PortInUseError(OSError):
+    """The gRPC port cannot be bound (taken, or a bad host)."""
+
+
 @dataclass(slots=True)
 class GatewayConfig:
     host: str = "localhost"
@@ -141,9 +145,12 @@ class Gateway:
         await self._set_health(False)
         self.pool.on_health_change = lambda ready: asyncio.ensure_future(self._set_health(ready))
         await self.pool.start()
-        self.bound_port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        try:
+            self.bound_port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        except RuntimeError as e:  # grpc raises this when the port is taken
+            raise PortInUseError(f"cannot listen on {c.host}:{c.port}: {e}") from None
         if self.bound_port == 0:
-            raise OSError(f"cannot listen on {c.host}:{c.port}")
+            raise PortInUseError(f"cannot listen on {c.host}:{c.port}")
         await self.server.start()
         if c.metrics_port:
             self.metrics.serve(c.metrics_host, c.metrics_port)

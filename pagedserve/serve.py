@@ -185,11 +185,15 @@ def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: 
 def cmd_gateway(a: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.server import Gateway
+    from gateway.server import Gateway, PortInUseError
 
     setup_logging(a.log_level, "gateway")
     cfg = gateway_config(a, a.listen, a.expect_workers)
-    asyncio.run(Gateway(cfg).serve_forever())
+    try:
+        asyncio.run(Gateway(cfg).serve_forever())
+    except PortInUseError as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2  # a configuration error: the supervisor does not retry it
     return 0
 
 

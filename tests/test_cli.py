@@ -19,7 +19,10 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("sub", [[], ["generate"], ["fetch-model"]])
+@pytest.mark.parametrize(
+    "sub",
+    [[], ["generate"], ["fetch-model"], ["up"], ["engine"], ["tokenizer"], ["gateway"], ["health"]],
+)
 def test_help_explains_every_flag(sub):
     r = _run(*sub, "--help")
     assert r.returncode == 0
@@ -49,3 +52,25 @@ def test_generate_default_model_greedy():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "[length, 8 tokens]" in r.stdout
+
+
+def test_gateway_on_a_taken_port_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _run(
+            "gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+            "--listen", f"ipc://{tmp_path}/gw.sock", timeout=60,
+        )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_health_of_a_server_that_is_not_there():
+    r = _run("health", "--target", "127.0.0.1:1", "--timeout", "2", timeout=30)
+    assert r.returncode == 1
+    assert "UNAVAILABLE" in r.stderr

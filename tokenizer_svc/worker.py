@@ -245,7 +245,10 @@ class Worker:
                 )
         elif finish != ipc_pb2.FINISH_NONE:
             text += seq.detok.finish()
-            if out.HasField("stop_token_id"):
+            if seq.detok.stopped:  # the flush completed a stop string (held-back bytes)
+                finish = ipc_pb2.FINISH_STOP_SEQUENCE
+                d.stop_str = seq.detok.matched_stop or ""
+            elif out.HasField("stop_token_id"):
                 d.stop_token_id = out.stop_token_id
         d.text = text
         if finish != ipc_pb2.FINISH_NONE:
