@@ -135,6 +135,22 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   const int64_t n = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t KVH = key_cache.size(0), NB = key_cache.size(1), BS = key_cache.size(2);
   TORCH_CHECK(H % KVH == 0 && key_cache.size(3) == D, "shape mismatch");
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "key and value caches differ in shape");
+  TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() &&
+                  value_cache.scalar_type() == query.scalar_type(), "dtypes differ");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && lens.numel() == n,
+              "block_tables / seq_lens do not have one row per query");
+  {  // Every block the kernel will read exists: O(n * W), nothing next to the attention.
+    const int64_t W = tables.size(1);
+    const int64_t* tp = tables.data_ptr<int64_t>();
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    for (int64_t s = 0; s < n; ++s) {
+      TORCH_CHECK(lp[s] >= 1 && lp[s] <= W * BS, "seq_lens[", s, "] out of range");
+      for (int64_t b = 0; b < (lp[s] + BS - 1) / BS; ++b)
+        TORCH_CHECK(tp[s * W + b] >= 0 && tp[s * W + b] < NB, "block id out of range");
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode", [&] {
     decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
                             value_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
@@ -145,6 +161,8 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
 }
 """
 
+_NAME = "pagedserve_cpu_decode_v5"  # bump when the source changes
+STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -162,9 +180,10 @@ def load():
         try:
             from torch.utils.cpp_extension import load_inline
 
+            _remove_stale_lock(_NAME)
             log.info("building the CPU decode-attention kernel (once; cached by torch)")
             _module = load_inline(
-                name="pagedserve_cpu_decode_v4",
+                name=_NAME,
                 cpp_sources=_SOURCE,
                 functions=["paged_decode"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-ffast-math"],
@@ -174,6 +193,22 @@ def load():
             log.warning("CPU decode kernel unavailable (%s); using the torch path", e)
             _module = None
         return _module
+
+
+def _remove_stale_lock(name: str) -> None:
+    """A build killed mid-way (Ctrl-C during the first start) leaves torch's lock file, and
+    every later build would wait on it forever; no real build takes STALE_LOCK_S."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    try:
+        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            log.warning("removing a stale kernel build lock %s", lock)
+            os.remove(lock)
+    except (OSError, AttributeError):
+        pass
 
 
 def paged_decode(

@@ -13,7 +13,7 @@ import torch
 
 from engine_svc.block_manager import BlockManager
 from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_device, resolve_dtype
-from engine_svc.errors import ContextLengthError, InvalidRequestError
+from engine_svc.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from engine_svc.model_config import ModelConfig
 from engine_svc.model_loader import dummy_model, load_model
 from engine_svc.model_runner import ModelRunner, RunnerOutput
@@ -145,6 +145,12 @@ class LLMEngine:
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if any(rid in self.scheduler.requests for rid in ids):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        # All n sequences or none: a half-admitted request would run with nobody to read it.
+        free_slots = self.config.max_waiting - len(self.scheduler.waiting)
+        if len(ids) > free_slots:
+            raise QueueFullError(
+                f"waiting queue is full ({self.config.max_waiting} sequences); retry later"
+            )
         eos = frozenset(self.model_config.eos_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         reqs = []

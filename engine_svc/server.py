@@ -101,11 +101,9 @@ class EngineIO(threading.Thread):
         poller.register(pull, zmq.POLLIN)
         next_beat = 0.0
         while not self._halt.is_set():
-            now = time.monotonic()
-            if now >= next_beat:
-                self._heartbeat(router)
-                next_beat = now + HEARTBEAT_S
-            events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
+            wait = max(1, int((next_beat - time.monotonic()) * 1000))
+            events = dict(poller.poll(timeout=wait))
+            # Read before judging liveness: after a stall the workers' hellos are queued.
             if router in events:
                 try:
                     self._read(router)
@@ -117,6 +115,10 @@ class EngineIO(threading.Thread):
                         router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat(router)
+                next_beat = now + HEARTBEAT_S
         router.close()
         pull.close()
 
@@ -316,13 +318,24 @@ class EngineServer:
 
     def _abort_worker(self, ident: bytes) -> None:
         ids = [sid for sid, o in self._owners.items() if o.worker == ident]
-        for r in self.engine.abort_request(ids):
-            self._owners.pop(r.request_id, None)
+        self.engine.abort_request(ids)
+        errs = {}
+        for sid in ids:
+            o = self._owners.pop(sid)
+            errs[o.request_id] = ipc_pb2.RequestError(
+                request_id=o.request_id,
+                code=ipc_pb2.UNAVAILABLE,
+                message="the engine lost contact with the tokenizer worker",
+            )
+        if errs:  # a worker that is only slow hears why; a dead one's messages are dropped
+            step = ipc_pb2.StepOutputs(errors=list(errs.values()))
+            self.io.send(ident, ipc_pb2.EngineToWorker(step=step))
 
     def _fail_all(self, message: str) -> None:
         errors: dict[bytes, list[ipc_pb2.RequestError]] = {}
         ids = list(self._owners)
-        self.engine.abort_request(ids)
+        # Everything the scheduler holds, owned or not, so a broken request cannot fail again.
+        self.engine.abort_request(list(self.engine.scheduler.requests))
         seen = set()
         for sid in ids:
             o = self._owners.pop(sid)

@@ -100,11 +100,13 @@ class InferenceService:
         worker = self.pool.pick()
         if worker is None:
             await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, "not ready")
-        await context.send_initial_metadata((("x-request-id", rid),))
+        # No await between the in-flight check above and open(): a concurrent request with the
+        # same id must see this one.
         stream = self.pool.open(rid, worker, msg)
         self.metrics.inflight.inc()
         finished = False
         try:
+            await context.send_initial_metadata((("x-request-id", rid),))
             async for resp in self._relay(stream, msg.params.n or 1, t0, context, method):
                 yield resp
             finished = True

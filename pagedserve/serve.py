@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -123,7 +124,13 @@ def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     server = EngineServer(
         EngineConfig(model=a.model, **engine_kwargs), a.listen, a.served_model_name
     )
-    _on_term(server.stop)
+
+    def stop() -> None:
+        if server.engine is None:  # still loading (model fetch, kernel build): stop right now
+            raise KeyboardInterrupt
+        server.stop()
+
+    _on_term(stop)
     server.serve()
     return 0
 
@@ -240,7 +247,11 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     where = f"{a.host}:{a.port}"
     announce = threading.Thread(target=_announce_when_serving, args=(where, a), daemon=True)
     announce.start()
-    return _supervise(sup)
+    try:
+        return _supervise(sup)
+    finally:
+        if a.run_dir is None:  # ours: a temporary directory of sockets
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _announce_when_serving(where: str, a: argparse.Namespace) -> None:

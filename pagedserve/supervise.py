@@ -14,6 +14,7 @@ from dataclasses import dataclass
 log = logging.getLogger("pagedserve")
 
 _PR_SET_PDEATHSIG = 1
+HEALTHY_S = 60.0  # a child up this long has its restart count reset
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -31,8 +32,10 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
+    started_at: float = 0.0
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         # Own session: a Ctrl-C reaches only the supervisor, which then stops the children in
         # order (gateway first) instead of every process racing to exit.
         self.proc = subprocess.Popen(
@@ -59,7 +62,11 @@ class Supervisor:
         """Restart dead children; returns a reason to give up, or None."""
         now = time.monotonic()
         for c in self.children:
-            if c.alive or c.proc is None:
+            if c.proc is None:
+                continue
+            if c.alive:
+                if c.restarts and now - c.started_at > HEALTHY_S:
+                    c.restarts = 0  # a crash weeks later is not the 6th in a row
                 continue
             if c.next_start == 0.0:
                 code = c.proc.returncode
@@ -75,15 +82,14 @@ class Supervisor:
         return None
 
     def stop(self, timeout: float = 10.0) -> None:
-        for c in self.children:
-            if c.alive:
-                c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for c in self.children:
-            if c.proc is None:
+        """Stop in reverse start order (the gateway first, so it drains its streams while the
+        engine still answers), each with up to ``timeout`` seconds before SIGKILL."""
+        for c in reversed(self.children):
+            if not c.alive:
                 continue
+            c.proc.send_signal(signal.SIGTERM)
             try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
+                c.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in time: killing it", c.name)
                 c.proc.kill()

@@ -81,3 +81,12 @@ def _check(q, kc, vc, bt, sl, dtype, seed):
     assert not out.isnan().any(), f"seed={seed}: read a block it does not own"
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol, msg=f"seed={seed}")
+
+
+def test_bad_tables_are_refused_not_read():
+    gen = torch.Generator().manual_seed(0)
+    q, kc, vc, bt, sl = _case(4, 2, 64, 16, torch.float32, [20, 5], 8, False, gen)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        cpu_decode.paged_decode(q, kc, vc, bt.clone().fill_(99), sl, 0.125)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        cpu_decode.paged_decode(q, kc, vc, bt, sl + 1000, 0.125)

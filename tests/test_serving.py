@@ -403,3 +403,24 @@ def test_api_key_is_required(client, stack, metadata, message):
         pb.GetModelInfoRequest(), metadata=(("x-api-key", stack.api_key),), timeout=30
     )
     assert ok.id
+
+
+def test_same_request_id_twice_at_once_one_is_refused_none_hangs(stack):
+    async def one(c):
+        try:
+            out = await _stream(
+                c, stack, timeout=60, text="Twice:", max_tokens=8, ignore_eos=True,
+                request_id="dup-1",
+            )  # fmt: skip
+            return out[0]["final"].usage.completion_tokens
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.target) as ch:
+            c = stub(ch)
+            return await asyncio.gather(*[one(c) for _ in range(4)])
+
+    results = asyncio.run(run())
+    assert 8 in results, results  # at least one ran, and every one ended (no hang)
+    assert set(results) <= {8, grpc.StatusCode.INVALID_ARGUMENT}, results

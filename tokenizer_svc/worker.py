@@ -9,6 +9,7 @@ the GIL would serialize threads anyway.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ log = logging.getLogger("pagedserve.tokenizer")
 @dataclass(slots=True)
 class _Seq:
     detok: IncrementalDetokenizer
-    engine_id: str  # the id the engine knows this sequence by (rid, or rid#i when n > 1)
+    engine_id: str  # the id the engine knows this sequence by (engine_rid, or engine_rid#i)
     finished: bool = False
     sent_first: bool = False
 
@@ -38,6 +39,7 @@ class _Seq:
 class _Active:
     request: ipc_pb2.TextRequest
     prompt_ids: list[int]
+    engine_rid: str  # unique per Add, so a reused client id never sees a late old output
     seqs: list[_Seq] = field(default_factory=list)
 
     @property
@@ -61,7 +63,9 @@ class Worker:
         self.tokenizer_error = ""
         self.engine_status: ipc_pb2.EngineStatus | None = None
         self.engine_seen = 0.0
-        self.active: dict[str, _Active] = {}
+        self.active: dict[str, _Active] = {}  # by the client's request id
+        self.by_engine: dict[str, str] = {}  # engine_rid -> client request id
+        self._serial = itertools.count()
         self._chat_stop_ids: list[int] = []
         self._stop = False
 
@@ -77,15 +81,17 @@ class Worker:
         log.info("worker %s: gateway %s, engine %s", self.worker_id, *self._addrs())
         try:
             while not self._stop:
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat(now)
-                    next_beat = now + HEARTBEAT_S
-                events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
+                wait = max(1, int((next_beat - time.monotonic()) * 1000))
+                events = dict(poller.poll(timeout=wait))
+                # Read before judging liveness: after a stall the engine's status is queued.
                 if self.eng in events:
                     self._drain(self.eng, ipc_pb2.EngineToWorker, self._on_engine)
                 if self.gw in events:
                     self._drain(self.gw, ipc_pb2.GatewayToWorker, self._on_gateway)
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat(now)
+                    next_beat = now + HEARTBEAT_S
         finally:
             self.gw.close(0)
             self.eng.close(0)
@@ -195,21 +201,43 @@ class Worker:
         elif kind == "step":
             self._on_step(msg.step)
 
+    def _lookup(self, engine_rid: str) -> _Active | None:
+        act = self.active.get(self.by_engine.get(engine_rid, ""))
+        return act if act is not None and act.engine_rid == engine_rid else None
+
+    def _forget(self, act: _Active) -> None:
+        self.active.pop(act.request.request_id, None)
+        self.by_engine.pop(act.engine_rid, None)
+
     def _on_step(self, step: ipc_pb2.StepOutputs) -> None:
         batch = ipc_pb2.WorkerBatch()
         for err in step.errors:
-            if self.active.pop(err.request_id, None) is not None:
-                batch.errors.append(err)
+            act = self._lookup(err.request_id)
+            if act is not None:
+                self._forget(act)
+                rid = act.request.request_id
+                batch.errors.add(request_id=rid, code=err.code, message=err.message)
         stale: list[str] = []
         for out in step.outputs:
-            act = self.active.get(out.request_id)
+            act = self._lookup(out.request_id)
             if act is None or out.index >= len(act.seqs) or act.seqs[out.index].finished:
                 # Not ours any more (aborted, stopped): make sure the engine drops it too.
-                stale.append(_engine_id(out.request_id, out.index, act))
+                stale.append(out.request_id)  # the engine expands a parent id to its siblings
                 continue
-            batch.deltas.append(self._delta(act, out))
+            try:
+                batch.deltas.append(self._delta(act, out))
+            except Exception as e:  # fail this request, not the whole step
+                log.exception("detokenizing %s failed", act.request.request_id)
+                self._forget(act)
+                stale.append(out.request_id)
+                batch.errors.add(
+                    request_id=act.request.request_id,
+                    code=ipc_pb2.INTERNAL,
+                    message=f"detokenizer error: {type(e).__name__}: {e}",
+                )
+                continue
             if act.done:
-                del self.active[out.request_id]
+                self._forget(act)
         if stale:
             self._send_engine(
                 ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=stale))
@@ -220,7 +248,7 @@ class Worker:
     def _delta(self, act: _Active, out: ipc_pb2.SeqOutput) -> ipc_pb2.TextDelta:
         req = act.request
         seq = act.seqs[out.index]
-        d = ipc_pb2.TextDelta(request_id=out.request_id, index=out.index)
+        d = ipc_pb2.TextDelta(request_id=req.request_id, index=out.index)
         text = seq.detok.add(list(out.token_ids))
         if not seq.sent_first:
             seq.sent_first = True
@@ -272,8 +300,9 @@ class Worker:
         elif kind == "abort":
             ids = []
             for rid in msg.abort.request_ids:
-                act = self.active.pop(rid, None)
+                act = self.active.get(rid)
                 if act is not None:
+                    self._forget(act)
                     ids.extend(s.engine_id for s in act.seqs if not s.finished)
             if ids:
                 self._send_engine(
@@ -290,6 +319,18 @@ class Worker:
             if rid in self.active:
                 raise InvalidRequestError(f"request id {rid!r} is already in flight")
             ids, params = self._encode(req)
+            erid = f"{rid}@{next(self._serial)}"
+            act = _Active(req, ids, erid)
+            n = params.n or 1
+            for i in range(n):
+                detok = IncrementalDetokenizer(
+                    self.tokenizer,
+                    ids,
+                    skip_special_tokens=req.skip_special_tokens,
+                    stop=list(req.stop),
+                    include_stop_str_in_output=req.include_stop_str_in_output,
+                )
+                act.seqs.append(_Seq(detok, erid if n == 1 else f"{erid}#{i}"))
         except _Unavailable as e:
             return self._error(rid, ipc_pb2.UNAVAILABLE, str(e))
         except InvalidRequestError as e:
@@ -297,20 +338,10 @@ class Worker:
         except Exception as e:  # e.g. a chat template that fails in an unexpected way
             log.exception("request %s failed in the tokenizer", rid)
             return self._error(rid, ipc_pb2.INTERNAL, f"tokenizer error: {type(e).__name__}: {e}")
-        n = params.n or 1
-        act = _Active(req, ids)
-        for i in range(n):
-            detok = IncrementalDetokenizer(
-                self.tokenizer,
-                ids,
-                skip_special_tokens=req.skip_special_tokens,
-                stop=list(req.stop),
-                include_stop_str_in_output=req.include_stop_str_in_output,
-            )
-            act.seqs.append(_Seq(detok, rid if n == 1 else f"{rid}#{i}"))
         self.active[rid] = act
+        self.by_engine[erid] = rid
         add = ipc_pb2.AddRequest(
-            request_id=rid, prompt_token_ids=ids, params=params, priority=req.priority
+            request_id=erid, prompt_token_ids=ids, params=params, priority=req.priority
         )
         self._send_engine(ipc_pb2.WorkerToEngine(add=add))
 
@@ -403,6 +434,7 @@ class Worker:
             ipc_pb2.RequestError(request_id=rid, code=code, message=message) for rid in self.active
         ]
         self.active.clear()
+        self.by_engine.clear()
         self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)))
 
 
@@ -412,12 +444,6 @@ class _Unavailable(Exception):
 
 def _messages(conv: ipc_pb2.Conversation) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in conv.messages]
-
-
-def _engine_id(request_id: str, index: int, act: _Active | None) -> str:
-    if act is not None and index < len(act.seqs):
-        return act.seqs[index].engine_id
-    return request_id  # the engine expands a parent id to all its sequences
 
 
 def new_worker_id(k: int) -> str:
