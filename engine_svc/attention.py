@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine_svc import cpu_decode
+
 DECODE_PAD_BUDGET = 0.15  # a decode group may gather at most this share of padding slots
 DECODE_GROUP_MAX = 64
 PREFILL_TILE = 128  # query rows per score block in prefill chunks
@@ -147,8 +149,6 @@ def attend(
     group = query.shape[1] // kvh
     f = meta.fused_decodes
     if f is not None:
-        from engine_svc import cpu_decode
-
         out[: f.num] = cpu_decode.paged_decode(
             query[: f.num].contiguous(), key_cache, value_cache, f.block_tables, f.seq_lens, scale
         )

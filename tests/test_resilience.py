@@ -1,6 +1,10 @@
-"""A part of the stack dies: health says NOT_SERVING (seen through a real Health.Watch stream),
-its streams fail with UNAVAILABLE instead of hanging, the supervisor restarts it, health
-comes back, and the server serves again."""
+"""A part of the stack stops answering: health says NOT_SERVING (seen through a real
+Health.Watch stream) and its streams fail with UNAVAILABLE instead of hanging. A killed engine
+is restarted by the supervisor; a stalled tokenizer worker (SIGSTOP) is written off, and taken
+back when it answers again (SIGCONT). Then health comes back and the server serves again.
+
+(A killed tokenizer worker is restarted within about the 3 s the gateway waits before writing
+it off, so health may never flip for it: the stall makes the flip certain.)"""
 
 from __future__ import annotations
 
@@ -80,7 +84,7 @@ def _long_stream(stack, client):
 
 
 @pytest.mark.parametrize("part", ["tokenizer", "engine"])
-def test_part_dies_health_drops_streams_fail_then_it_comes_back(stack, part):
+def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack, part):
     with grpc.insecure_channel(stack.target) as ch:
         client = stub(ch)
         watch = Watch(stack.target)
@@ -90,7 +94,8 @@ def test_part_dies_health_drops_streams_fail_then_it_comes_back(stack, part):
             calls = [_long_stream(stack, client) for _ in range(4)]
             for c in calls:
                 next(c)  # generating
-            os.kill(_pid(stack, part), signal.SIGKILL)
+            victim = _pid(stack, part)
+            os.kill(victim, signal.SIGSTOP if part == "tokenizer" else signal.SIGKILL)
             codes = []
             for c in calls:
                 try:
@@ -101,6 +106,9 @@ def test_part_dies_health_drops_streams_fail_then_it_comes_back(stack, part):
                     codes.append(e.code())
             assert grpc.StatusCode.UNAVAILABLE in codes, codes
             assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK}, codes
+            watch.wait_for([SERVING, NOT_SERVING])
+            if part == "tokenizer":
+                os.kill(victim, signal.SIGCONT)
             watch.wait_for([SERVING, NOT_SERVING, SERVING], timeout=90)
         finally:
             watch.close()
@@ -112,4 +120,5 @@ def test_part_dies_health_drops_streams_fail_then_it_comes_back(stack, part):
             )
         )
         assert out[0]["final"].usage.completion_tokens == 4
-    assert f"{part}" in stack.log() and "restarting" in stack.log()
+    if part == "engine":
+        assert "engine exited with code -9; restarting" in stack.log()
