@@ -295,10 +295,12 @@ def test_abort_rpc_ends_stream_with_aborted_final(stack):
     stack.wait_metric("pagedserve_engine_kv_blocks_used", lambda v: v == 0)
 
 
-def test_overload_gets_resource_exhausted_and_the_rest_complete(stack):
+def _concurrent(stack, count: int, **fields) -> list:
+    """Run `count` identical streams at once; each gives its completion tokens or its code."""
+
     async def one(c):
         try:
-            out = await _stream(c, stack, text="Overload:", max_tokens=24, ignore_eos=True)
+            out = await _stream(c, stack, timeout=60, **fields)
             return out[0]["final"].usage.completion_tokens
         except grpc.aio.AioRpcError as e:
             return e.code()
@@ -306,9 +308,13 @@ def test_overload_gets_resource_exhausted_and_the_rest_complete(stack):
     async def run():
         async with grpc.aio.insecure_channel(stack.target) as ch:
             c = stub(ch)
-            return await asyncio.gather(*[one(c) for _ in range(160)])
+            return await asyncio.gather(*[one(c) for _ in range(count)])
 
-    results = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_overload_gets_resource_exhausted_and_the_rest_complete(stack):
+    results = _concurrent(stack, 160, text="Overload:", max_tokens=24, ignore_eos=True)
     exhausted = [r for r in results if r == grpc.StatusCode.RESOURCE_EXHAUSTED]
     done = [r for r in results if r == 24]
     assert len(exhausted) + len(done) == 160, set(map(str, results))
@@ -406,21 +412,8 @@ def test_api_key_is_required(client, stack, metadata, message):
 
 
 def test_same_request_id_twice_at_once_one_is_refused_none_hangs(stack):
-    async def one(c):
-        try:
-            out = await _stream(
-                c, stack, timeout=60, text="Twice:", max_tokens=8, ignore_eos=True,
-                request_id="dup-1",
-            )  # fmt: skip
-            return out[0]["final"].usage.completion_tokens
-        except grpc.aio.AioRpcError as e:
-            return e.code()
-
-    async def run():
-        async with grpc.aio.insecure_channel(stack.target) as ch:
-            c = stub(ch)
-            return await asyncio.gather(*[one(c) for _ in range(4)])
-
-    results = asyncio.run(run())
+    results = _concurrent(
+        stack, 4, text="Twice:", max_tokens=8, ignore_eos=True, request_id="dup-1"
+    )
     assert 8 in results, results  # at least one ran, and every one ended (no hang)
     assert set(results) <= {8, grpc.StatusCode.INVALID_ARGUMENT}, results
