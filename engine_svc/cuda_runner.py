@@ -19,7 +19,7 @@ from engine_svc.cuda_forward import BatchTensors, forward
 from engine_svc.cuda_graphs import DecodeGraphs, capture_sizes
 from engine_svc.model import LlamaModel
 from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
-from engine_svc.model_runner import RunnerOutput
+from engine_svc.model_runner import RunnerOutput, select_logits
 from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("pagedserve.cuda_runner")
@@ -239,25 +239,4 @@ class CudaModelRunner:
             )
         else:
             hidden = self._forward(batch)
-        return self._logits(seqs, hidden)
-
-    def _logits(self, seqs: list[ScheduledSeq], hidden: torch.Tensor) -> RunnerOutput:
-        out = RunnerOutput()
-        rows: list[int] = []
-        prompt_rows: list[tuple[str, int, int]] = []
-        offset = 0
-        for s in seqs:
-            end = offset + s.num_new_tokens
-            r = s.request
-            if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
-                prompt_rows.append((r.request_id, offset, end))
-            if s.samples:
-                out.sample_seqs.append(s)
-                rows.append(end - 1)
-            offset = end
-        if rows:
-            idx = torch.tensor(rows, device=self.device)
-            out.sample_logits = self.model.compute_logits(hidden[idx]).float()
-        for rid, a, b in prompt_rows:
-            out.prompt_logits[rid] = self.model.compute_logits(hidden[a:b]).float()
-        return out
+        return select_logits(self.model, seqs, hidden)

@@ -71,22 +71,30 @@ class ModelRunner:
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         hidden = self.model(torch.tensor(ids, dtype=torch.int64), cos, sin, self.kv_caches, meta)
 
-        out = RunnerOutput()
-        rows: list[int] = []
-        prompt_rows: list[tuple[str, int, int]] = []
-        offset = 0
-        for s in seqs:
-            end = offset + s.num_new_tokens
-            if s.request.params.prompt_logprobs is not None and (
-                s.request.num_computed_tokens < s.request.num_prompt_tokens
-            ):
-                prompt_rows.append((s.request.request_id, offset, end))
-            if s.samples:
-                out.sample_seqs.append(s)
-                rows.append(end - 1)
-            offset = end
-        if rows:
-            out.sample_logits = self.model.compute_logits(hidden[rows]).float()
-        for rid, a, b in prompt_rows:
-            out.prompt_logits[rid] = self.model.compute_logits(hidden[a:b]).float()
-        return out
+        return select_logits(self.model, seqs, hidden)
+
+
+def select_logits(
+    model: LlamaModel, seqs: list[ScheduledSeq], hidden: torch.Tensor
+) -> RunnerOutput:
+    """Logits of the rows that sample (each chunk's last row), plus every row of chunks whose
+    prompt logprobs were asked for. ``seqs`` in the order their rows sit in ``hidden``."""
+    out = RunnerOutput()
+    rows: list[int] = []
+    prompt_rows: list[tuple[str, int, int]] = []
+    offset = 0
+    for s in seqs:
+        end = offset + s.num_new_tokens
+        r = s.request
+        if r.params.prompt_logprobs is not None and r.num_computed_tokens < r.num_prompt_tokens:
+            prompt_rows.append((r.request_id, offset, end))
+        if s.samples:
+            out.sample_seqs.append(s)
+            rows.append(end - 1)
+        offset = end
+    if rows:
+        idx = torch.tensor(rows, device=hidden.device)
+        out.sample_logits = model.compute_logits(hidden[idx]).float()
+    for rid, a, b in prompt_rows:
+        out.prompt_logits[rid] = model.compute_logits(hidden[a:b]).float()
+    return out
