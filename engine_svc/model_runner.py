@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_svc import cpu_decode
+from engine_svc import cpu_ops
 from engine_svc.attention import build_metadata
 from engine_svc.model import LlamaModel
 from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
@@ -36,7 +36,12 @@ class ModelRunner:
         self.block_size = block_size
         # The fused CPU decode kernel reads KV blocks in place (no gather copy); the
         # plain-torch path stays as the fallback when it cannot be built.
-        self.fused_decode = cpu_decode.load() is not None
+        self.fused_decode = cpu_ops.load() is not None
+        # float32 on an AVX-512 CPU: linear layers over packed weights, faster than BLAS at
+        # decode batch sizes (engine_svc.cpu_ops.PackedLinear).
+        self.packed_linears = 0
+        if dtype == torch.float32 and cpu_ops.packed_linear_supported():
+            self.packed_linears = cpu_ops.pack_linears(model)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
         # (heads outer: see engine_svc.attention.attend).
         self.kv_caches = torch.zeros(

@@ -1,0 +1,215 @@
+"""The C++ CPU kernels (engine_svc.cpu_ops) against plain torch.
+
+Decode attention against ``kernels.reference.paged_attention``: random inputs each run (seed
+printed), blocks that no sequence owns are filled with NaN (a read out of range would poison
+the output), GQA ratios with and without a compiled specialisation, head sizes 64/128 and an
+odd one, block sizes 16/32, float32 and bfloat16, and one case with block ids near the top of
+a large cache.
+
+Packed linear against a float64 matmul: shapes around every tile and panel edge, bias or not,
+batch invariance (bit-identical rows whatever the batch), refused bad inputs, and the engine
+using it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from engine_svc import cpu_ops
+from engine_svc.config import EngineConfig
+from engine_svc.engine import LLMEngine
+from engine_svc.model_config import ModelConfig
+from kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    cpu_ops.load() is None, reason="the C++ CPU kernel could not be built here"
+)
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def _case(num_heads, kv_heads, head_size, block_size, dtype, lens, num_blocks, high_ids, gen):
+    need = sum(-(-n // block_size) for n in lens)
+    ids = (
+        list(range(num_blocks - need, num_blocks))
+        if high_ids
+        else torch.randperm(num_blocks, generator=gen)[:need].tolist()
+    )
+    tables, i = [], 0
+    for n in lens:
+        k = -(-n // block_size)
+        tables.append(ids[i : i + k])
+        i += k
+    # Heads-outer engine layout; NaN in every block no sequence owns.
+    kc = torch.full((kv_heads, num_blocks, block_size, head_size), float("nan"), dtype=dtype)
+    vc = kc.clone()
+    owned = torch.tensor(ids)
+    kc[:, owned] = torch.randn(kv_heads, len(ids), block_size, head_size, generator=gen).to(dtype)
+    vc[:, owned] = torch.randn(kv_heads, len(ids), block_size, head_size, generator=gen).to(dtype)
+    q = torch.randn(len(lens), num_heads, head_size, generator=gen).to(dtype)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    return q, kc, vc, bt, torch.tensor(lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(
+    "num_heads,kv_heads,head_size",
+    [(9, 3, 64), (4, 4, 128), (8, 2, 64), (6, 1, 128), (10, 2, 48), (14, 2, 64)],
+)
+def test_matches_reference(num_heads, kv_heads, head_size, block_size, dtype):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1, 2, block_size, block_size + 1, 3 * block_size - 1, 200]
+    q, kc, vc, bt, sl = _case(
+        num_heads, kv_heads, head_size, block_size, dtype, lens, 64, False, gen
+    )
+    _check(q, kc, vc, bt, sl, dtype, seed)
+
+
+def test_large_block_ids():
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    q, kc, vc, bt, sl = _case(8, 2, 64, 16, torch.float32, [700, 33], 40_000, True, gen)
+    assert bt.max().item() == 39_999
+    _check(q, kc, vc, bt, sl, torch.float32, seed)
+
+
+def _check(q, kc, vc, bt, sl, dtype, seed):
+    scale = q.shape[2] ** -0.5
+    out = cpu_ops.paged_decode(q, kc, vc, bt, sl, scale)
+    # The reference uses the block-major layout [blocks, block_size, kv_heads, head_size].
+    qsl = torch.arange(len(sl) + 1, dtype=torch.int32)
+    ref = reference.paged_attention(
+        q, kc.permute(1, 2, 0, 3), vc.permute(1, 2, 0, 3), bt, sl, qsl, scale
+    )
+    assert not out.isnan().any(), f"seed={seed}: read a block it does not own"
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol, msg=f"seed={seed}")
+
+
+def test_bad_tables_are_refused_not_read():
+    gen = torch.Generator().manual_seed(0)
+    q, kc, vc, bt, sl = _case(4, 2, 64, 16, torch.float32, [20, 5], 8, False, gen)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        cpu_ops.paged_decode(q, kc, vc, bt.clone().fill_(99), sl, 0.125)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        cpu_ops.paged_decode(q, kc, vc, bt, sl + 1000, 0.125)
+
+
+# -- packed linear -------------------------------------------------------------------------------
+
+needs_packed = pytest.mark.skipif(
+    not cpu_ops.packed_linear_supported(), reason="packed_linear needs AVX-512"
+)
+
+
+@needs_packed
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 64, 577])
+@pytest.mark.parametrize("n", [1, 16, 17, 31, 32, 33, 100])
+def test_packed_linear_matches_float64(n, k, bias):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    packed = cpu_ops.pack_weight(w)
+    # Row counts around the 12-row tile and the 192-row chunk.
+    for m in (0, 1, 5, 12, 13, 25, 192, 193, 400):
+        x = torch.randn(m, k, generator=gen)
+        got = cpu_ops.packed_linear(x, packed, n, b)
+        want = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert got.shape == (m, n)
+        torch.testing.assert_close(
+            got.double(), want, rtol=1e-5, atol=1e-5 * k**0.5, msg=f"seed={seed} m={m}"
+        )
+
+
+@needs_packed
+def test_packed_linear_model_shapes_and_lm_head():
+    """The default model's shapes (K 576/1536, N 960/3072/576 and a 49,152-row lm_head)."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    for n, k in ((960, 576), (3072, 576), (576, 1536), (49152, 576)):
+        w = torch.randn(n, k, generator=gen) * 0.05
+        x = torch.randn(37, k, generator=gen)
+        got = cpu_ops.packed_linear(x, cpu_ops.pack_weight(w), n)
+        torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
+
+
+@needs_packed
+def test_packed_linear_is_batch_invariant():
+    """A row's output is bit-identical alone, at any position of any batch size."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    w = torch.randn(100, 300, generator=gen)
+    packed = cpu_ops.pack_weight(w)
+    x = torch.randn(230, 300, generator=gen)
+    full = cpu_ops.packed_linear(x, packed, 100)
+    for i in (0, 11, 12, 191, 192, 229):
+        assert torch.equal(cpu_ops.packed_linear(x[i : i + 1], packed, 100)[0], full[i])
+    for m in (3, 13, 77):
+        assert torch.equal(cpu_ops.packed_linear(x[50 : 50 + m], packed, 100), full[50 : 50 + m])
+
+
+@needs_packed
+def test_packed_linear_refuses_bad_input():
+    packed = cpu_ops.pack_weight(torch.randn(40, 8))
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_ops.packed_linear(x.double(), packed, 40)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu_ops.packed_linear(torch.randn(8, 3).T, packed, 40)
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_ops.packed_linear(torch.randn(3, 9), packed, 40)
+    with pytest.raises(RuntimeError, match="panels"):
+        cpu_ops.packed_linear(x, packed, 70)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_ops.packed_linear(x, packed, 40, torch.randn(39))
+
+
+@needs_packed
+def test_pack_linears_swaps_float32_layers_only():
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 24)
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(24, 40),
+            "b": nn.Linear(40, 24, bias=False),
+            "head": nn.Linear(24, 50, bias=False),
+            "low": nn.Linear(24, 24).to(torch.bfloat16),
+            "emb": emb,
+        }
+    )
+    model["head"].weight = emb.weight  # tied, like a small Llama's lm_head
+    x = torch.randn(5, 24)
+    want = model["head"](model["b"](model["a"](x)))
+    assert cpu_ops.pack_linears(model) == 3
+    assert isinstance(model["a"], cpu_ops.PackedLinear)
+    assert type(model["low"]) is nn.Linear
+    got = model["head"](model["b"](model["a"](x)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert model["emb"].weight is emb.weight  # the embedding keeps the tied weight
+    assert model["a"](x[None]).shape == (1, 5, 40)  # leading dims kept
+
+
+@needs_packed
+def test_float32_engine_packs_every_linear():
+    cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False)
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    eng = LLMEngine(EngineConfig(dtype="float32", **cfg), mc)
+    assert eng.runner.packed_linears == 4 * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
+    eng = LLMEngine(EngineConfig(dtype="bfloat16", **cfg), mc)
+    assert eng.runner.packed_linears == 0
