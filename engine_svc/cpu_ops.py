@@ -33,6 +33,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("paged_decode.cpp", "packed_linear.cpp")
 FUNCTIONS = [
     "paged_decode",
+    "use_generic_decode",
     "packed_linear",
     "packed_linear_supported",
     "packed_linear_panel_width",
@@ -48,11 +49,11 @@ _tried = False
 
 
 def build_name(sources: list[str]) -> str:
-    """Changes whenever a source, the flags or the CPU changes."""
+    """Changes whenever a source, the bound functions, the flags or the CPU changes."""
     h = hashlib.sha256()
     for text in sources:
         h.update(text.encode())
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(FUNCTIONS + CFLAGS).encode())
     h.update(_cpu_flags().encode())
     return f"pagedserve_cpu_ops_{h.hexdigest()[:16]}"
 

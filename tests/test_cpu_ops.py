@@ -61,7 +61,9 @@ def _case(num_heads, kv_heads, head_size, block_size, dtype, lens, num_blocks, h
     "num_heads,kv_heads,head_size",
     [(9, 3, 64), (4, 4, 128), (8, 2, 64), (6, 1, 128), (10, 2, 48), (14, 2, 64)],
 )
-def test_matches_reference(num_heads, kv_heads, head_size, block_size, dtype):
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_matches_reference(num_heads, kv_heads, head_size, block_size, dtype, path, kernel_path):
+    kernel_path(path)
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     lens = [1, 2, block_size, block_size + 1, 3 * block_size - 1, 200]
@@ -69,6 +71,27 @@ def test_matches_reference(num_heads, kv_heads, head_size, block_size, dtype):
         num_heads, kv_heads, head_size, block_size, dtype, lens, 64, False, gen
     )
     _check(q, kc, vc, bt, sl, dtype, seed)
+
+
+@pytest.fixture
+def kernel_path():
+    """Choose the decode kernel's path: "fast" (AVX-512 float32 where built) or "generic"."""
+    module = cpu_ops.load()
+    yield lambda path: module.use_generic_decode(path == "generic")
+    module.use_generic_decode(False)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 48])
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_block_sizes_off_the_chunk(block_size, path, kernel_path):
+    """The fast path walks blocks in chunks of up to 16 tokens: blocks smaller than a chunk
+    and blocks that are not a multiple of it."""
+    kernel_path(path)
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    lens = [1, 7, block_size, 2 * block_size + 3, 150]
+    q, kc, vc, bt, sl = _case(9, 3, 64, block_size, torch.float32, lens, 64, False, gen)
+    _check(q, kc, vc, bt, sl, torch.float32, seed)
 
 
 def test_large_block_ids():

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -81,24 +83,163 @@ static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh
   }
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// exp for float lanes, clamped to [-87, 88] (no infinities): range reduction to
+// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, then scalef by 2^n.
+// Relative error about 2e-7.
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out[t] = sum of the 16 lanes of r[t], for t < 16: a transpose-and-add tree (45 ops instead
+// of 16 separate horizontal reductions).
+static inline __m512 hsum16(const __m512* r) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                         _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88),
+                                  _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88),
+                                  _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// decode_one for float32 with AVX-512, chunks of up to 16 tokens of one block at a time: the
+// 16 scores of a chunk come out of one transpose-and-add tree (hsum16), the exp is vectorized,
+// q and the accumulators live in registers. Same online softmax as decode_one.
+template <int GC, int DC>
+static void decode_one_avx512(const float* __restrict qf, const float* __restrict kh,
+                              const float* __restrict vh, const int64_t* __restrict table,
+                              int64_t L, int64_t BS, float* __restrict out /* [G, D] */) {
+  constexpr int G = GC, C = DC / 16;
+  __m512 acc[G][C];
+  float m[G], l[G];
+  alignas(64) float p[G][16];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t start = 0, nt = 0; start < L; start += nt) {
+    const int64_t pos = start % BS;
+    nt = std::min<int64_t>({16, L - start, BS - pos});
+    const int64_t off = (table[start / BS] * BS + pos) * DC;
+    const float* __restrict kb = kh + off;
+    const float* __restrict vb = vh + off;
+    // The next block lies elsewhere in memory: fetch it while this chunk is computed, one
+    // token row of K and V per token processed here (spread out, so the line fill buffers
+    // do not overflow).
+    const float* nk = nullptr;
+    const float* nv = nullptr;
+    if (start + nt < L) {
+      const int64_t npos = (start + nt) % BS;
+      const int64_t noff = (table[(start + nt) / BS] * BS + npos) * DC;
+      nk = kh + noff;
+      nv = vh + noff;
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << nt) - 1);
+    for (int g = 0; g < G; ++g) {
+      __m512 r[16];
+      for (int t = 0; t < 16; ++t) {
+        if (t < nt) {
+          const float* qg = qf + g * DC;
+          __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kb + t * DC));
+          for (int c = 1; c < C; ++c)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), _mm512_loadu_ps(kb + t * DC + c * 16), a);
+          r[t] = a;
+        } else {
+          r[t] = _mm512_setzero_ps();
+        }
+      }
+      const __m512 s = hsum16(r);
+      const float bm = _mm512_mask_reduce_max_ps(valid, s);
+      const float mn = start == 0 ? bm : std::max(m[g], bm);
+      const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mn))));
+      const float sum = _mm512_reduce_add_ps(e);
+      _mm512_store_ps(p[g], e);
+      if (start == 0) {
+        l[g] = sum;
+      } else {
+        const float corr = std::exp(m[g] - mn);
+        l[g] = l[g] * corr + sum;
+        if (corr != 1.f) {
+          const __m512 cv = _mm512_set1_ps(corr);
+          for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+        }
+      }
+      m[g] = mn;
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      if (nk != nullptr) {
+        for (int c = 0; c < C; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(nk + t * DC + c * 16), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(nv + t * DC + c * 16), _MM_HINT_T0);
+        }
+      }
+      __m512 v[C];
+      for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(vb + t * DC + c * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 pt = _mm512_set1_ps(p[g][t]);
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(pt, v[c], acc[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * DC + c * 16, _mm512_mul_ps(acc[g][c], inv));
+  }
+}
+#endif
+
 struct Scratch {  // per-thread buffers of decode_one
   float *qf, *p, *m, *l, *acc;
 };
 
+static std::atomic<bool> force_generic{false};
+
+// Tests run both paths on an AVX-512 machine: true = always the portable decode_one.
+void use_generic_decode(bool on) { force_generic = on; }
+
+template <typename scalar_t, int GC, int DC>
+static void decode_select(int64_t G, int64_t D, const scalar_t* kh, const scalar_t* vh,
+                          const int64_t* t, int64_t L, int64_t BS, const Scratch& s) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && DC > 0 && DC % 16 == 0) {
+    if (!force_generic.load(std::memory_order_relaxed))
+      return decode_one_avx512<GC, DC>(s.qf, kh, vh, t, L, BS, s.acc);
+  }
+#endif
+  decode_one<scalar_t, GC, DC>(s.qf, kh, vh, t, L, G, D, BS, s.p, s.m, s.l, s.acc);
+}
+
 template <typename scalar_t, int DC>
 static void dispatch_g(int64_t G, int64_t D, const scalar_t* kh, const scalar_t* vh,
                        const int64_t* t, int64_t L, int64_t BS, const Scratch& s) {
-#define PAGEDSERVE_CALL(GC) \
-  decode_one<scalar_t, GC, DC>(s.qf, kh, vh, t, L, G, D, BS, s.p, s.m, s.l, s.acc)
   switch (G) {
-    case 1: return PAGEDSERVE_CALL(1);
-    case 2: return PAGEDSERVE_CALL(2);
-    case 3: return PAGEDSERVE_CALL(3);
-    case 4: return PAGEDSERVE_CALL(4);
-    case 8: return PAGEDSERVE_CALL(8);
-    default: return PAGEDSERVE_CALL(0);
+    case 1: return decode_select<scalar_t, 1, DC>(G, D, kh, vh, t, L, BS, s);
+    case 2: return decode_select<scalar_t, 2, DC>(G, D, kh, vh, t, L, BS, s);
+    case 3: return decode_select<scalar_t, 3, DC>(G, D, kh, vh, t, L, BS, s);
+    case 4: return decode_select<scalar_t, 4, DC>(G, D, kh, vh, t, L, BS, s);
+    case 8: return decode_select<scalar_t, 8, DC>(G, D, kh, vh, t, L, BS, s);
+    default: return decode_select<scalar_t, 0, DC>(G, D, kh, vh, t, L, BS, s);
   }
-#undef PAGEDSERVE_CALL
 }
 
 template <typename scalar_t>
