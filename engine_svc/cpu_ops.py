@@ -10,6 +10,9 @@
 - ``packed_linear`` (csrc/packed_linear.cpp, AVX-512 only): float32 linear layers over weights
   packed once into column panels (``pack_weight``); 1.2-2x faster than BLAS at decode batch
   sizes, level with it at prefill sizes, and batch-invariant. ``PackedLinear`` is the module.
+- ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
+  layer's element-wise ops fused, float32 (``engine_svc.model`` uses them when
+  ``LlamaModel.fused_cpu_ops`` is set).
 
 Both are optional: when the build fails (no compiler, no ninja) or ``PAGEDSERVE_CPU_KERNEL=0``
 is set, ``load()`` returns None and the engine keeps the plain-torch path; without AVX-512
@@ -30,13 +33,17 @@ from torch import nn
 log = logging.getLogger("pagedserve.engine")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_decode.cpp", "packed_linear.cpp")
+SOURCES = ("paged_decode.cpp", "packed_linear.cpp", "elementwise.cpp")
 FUNCTIONS = [
     "paged_decode",
     "use_generic_decode",
     "packed_linear",
     "packed_linear_supported",
     "packed_linear_panel_width",
+    "rms_norm",
+    "add_rms_norm_",
+    "rotary_",
+    "silu_mul",
 ]
 # -fopenmp: at::parallel_for is serial without it. It links libgomp.so.1, which resolves to the
 # copy torch has already loaded (one thread pool). -march=native: the build is tied to this CPU,
@@ -181,3 +188,32 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+def fused_ops_available(dtype: torch.dtype) -> bool:
+    """The fused element-wise ops (float32 only) can be used for a model of ``dtype``."""
+    return dtype == torch.float32 and load() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _module.rms_norm(x, weight, eps)
+
+
+def add_rms_norm_(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``residual += x`` in place; returns the RMSNorm of the new residual."""
+    return _module.add_rms_norm_(x, residual, weight, eps)
+
+
+def rotary_(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_size: int
+) -> None:
+    """Rotate, in place, the first ``heads`` heads of each row of ``qkv`` [rows, cols]; cos and
+    sin are [rows, head_size]."""
+    _module.rotary_(qkv, cos, sin, heads, head_size)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] -> silu(gate) * up, [rows, inter]."""
+    return _module.silu_mul(gate_up)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_svc import cpu_ops
 from engine_svc.attention import AttentionMetadata, attend, write_kv
 from engine_svc.model_config import ModelConfig
 from kernels.reference import rms_norm
@@ -54,9 +55,23 @@ class Attention(nn.Module):
         q = _rotate(q.view(n, self.num_heads, self.head_size), cos, sin)
         k = _rotate(k.view(n, self.num_kv_heads, self.head_size), cos, sin)
         v = v.view(n, self.num_kv_heads, self.head_size)
+        return self._attend_and_project(q, k, v, kv_cache, meta)
+
+    def forward_fused(self, x, cos2d, sin2d, kv_cache, meta):
+        """forward with the fused CPU rotary (float32); cos2d / sin2d: [num_tokens, head]."""
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        cpu_ops.rotary_(qkv, cos2d, sin2d, self.num_heads + self.num_kv_heads, self.head_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_size)
+        k = k.view(n, self.num_kv_heads, self.head_size)
+        v = v.view(n, self.num_kv_heads, self.head_size)
+        return self._attend_and_project(q, k, v, kv_cache, meta)
+
+    def _attend_and_project(self, q, k, v, kv_cache, meta):
         write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
         o = attend(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.view(n, self.q_size))
+        return self.o_proj(o.view(q.shape[0], self.q_size))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,6 +90,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(cpu_ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -98,6 +116,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # float32 on the CPU: the element-wise ops fused in C++ (set by the CPU model runner).
+        self.fused_cpu_ops = False
 
     def forward(
         self,
@@ -107,10 +127,28 @@ class LlamaModel(nn.Module):
         kv_caches: torch.Tensor,  # [num_layers, 2, num_kv_heads, num_blocks, block_size, head_size]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden] after the final norm
+        if self.fused_cpu_ops:
+            return self._forward_fused(input_ids, cos, sin, kv_caches, meta)
         x = self.embed_tokens(input_ids)
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
+
+    def _forward_fused(self, input_ids, cos, sin, kv_caches, meta) -> torch.Tensor:
+        """The same layers with the fused float32 CPU ops (engine_svc.cpu_ops): the residual
+        stream is kept apart and each residual add is fused into the next RMSNorm, rotary is
+        applied in place on the qkv projection, silu(gate) * up is one op."""
+        n, eps = input_ids.shape[0], self.cfg.rms_norm_eps
+        cos2d, sin2d = cos.view(n, -1), sin.view(n, -1)
+        residual = self.embed_tokens(input_ids)  # a fresh tensor: updated in place below
+        h = cpu_ops.rms_norm(residual, self.layers[0].input_layernorm.weight, eps)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            h = layer.self_attn.forward_fused(h, cos2d, sin2d, kv, meta)
+            h = cpu_ops.add_rms_norm_(h, residual, layer.post_attention_layernorm.weight, eps)
+            h = layer.mlp.forward_fused(h)
+            following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h = cpu_ops.add_rms_norm_(h, residual, following.weight, eps)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

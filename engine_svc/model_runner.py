@@ -42,6 +42,7 @@ class ModelRunner:
         self.packed_linears = 0
         if dtype == torch.float32 and cpu_ops.packed_linear_supported():
             self.packed_linears = cpu_ops.pack_linears(model)
+        model.fused_cpu_ops = cpu_ops.fused_ops_available(dtype)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
         # (heads outer: see engine_svc.attention.attend).
         self.kv_caches = torch.zeros(

@@ -236,3 +236,110 @@ def test_float32_engine_packs_every_linear():
     assert eng.runner.packed_linears == 4 * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
     eng = LLMEngine(EngineConfig(dtype="bfloat16", **cfg), mc)
     assert eng.runner.packed_linears == 0
+
+
+# -- fused element-wise ops ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 7, 100])
+@pytest.mark.parametrize("hidden", [576, 100])
+def test_rms_norm_and_add_rms_norm_match_reference(rows, hidden):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen) * 3
+    res = torch.randn(rows, hidden, generator=gen)
+    w = torch.randn(hidden, generator=gen)
+    tol = dict(rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), **tol)
+    want_normed, want_res = reference.fused_add_rms_norm(x, res, w, 1e-6)
+    got = cpu_ops.add_rms_norm_(x, res, w, 1e-6)
+    torch.testing.assert_close(res, want_res, **tol)  # updated in place
+    torch.testing.assert_close(got, want_normed, **tol)
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 10])
+def test_rotary_in_place_matches_reference(head_size):
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    rows, heads, kv_heads = 37, 6, 2
+    q = torch.randn(rows, heads, head_size, generator=gen)
+    k = torch.randn(rows, kv_heads, head_size, generator=gen)
+    v = torch.randn(rows, kv_heads, head_size, generator=gen)
+    pos = torch.randint(0, 500, (rows,), generator=gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+    ang = torch.arange(512).float()[:, None] * inv[None]
+    cache = torch.cat((ang.cos(), ang.sin()), dim=-1)  # [max_pos, head_size]: cos half | sin half
+    want_q, want_k = reference.rotary_embedding(pos, q, k, cache)
+    half = head_size // 2
+    cos = torch.cat((cache[pos, :half], cache[pos, :half]), dim=-1)
+    sin = torch.cat((cache[pos, half:], cache[pos, half:]), dim=-1)
+    qkv = torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+    cpu_ops.rotary_(qkv, cos, sin, heads + kv_heads, head_size)
+    tol = dict(rtol=1e-5, atol=1e-5, msg=f"seed={seed}")
+    torch.testing.assert_close(qkv[:, : heads * head_size].view_as(q), want_q, **tol)
+    got_k = qkv[:, heads * head_size : (heads + kv_heads) * head_size].view_as(k)
+    torch.testing.assert_close(got_k, want_k, **tol)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_size :].view_as(v), v)  # v untouched
+
+
+def test_silu_mul_matches_torch():
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    gu = torch.randn(19, 2 * 1536, generator=gen) * 8  # wide range: exp over/underflow
+    want = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
+    torch.testing.assert_close(cpu_ops.silu_mul(gu), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ops_refuse_bad_input():
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_ops.rms_norm(torch.randn(2, 8).double(), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="weight"):
+        cpu_ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-5)
+    with pytest.raises(RuntimeError, match="residual"):
+        cpu_ops.add_rms_norm_(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="heads"):
+        cpu_ops.rotary_(torch.randn(2, 8), torch.randn(2, 4), torch.randn(2, 4), 3, 4)
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        cpu_ops.silu_mul(torch.randn(2, 7))
+
+
+def test_fused_model_forward_matches_plain():
+    """The whole model: fused element-wise ops vs the plain torch ones (packed linears in both),
+    prefill then a decode step over the cached KV."""
+    from engine_svc.attention import build_metadata
+    from engine_svc.model_loader import dummy_model
+    from engine_svc.model_runner import ModelRunner
+
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 128,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 256,
+        }
+    )
+    outs = []
+    for fused in (False, True):
+        model = dummy_model(mc, torch.float32, seed=5)
+        for p in model.parameters():  # wider weights: 0.02 would make every hidden state alike
+            p.data.mul_(10 if p.dim() > 1 else 1)
+        runner = ModelRunner(model, mc, torch.float32, 16, 16, 256)
+        if not fused:
+            model.fused_cpu_ops = False
+        assert model.fused_cpu_ops is fused
+        ids = torch.arange(3, 3 + 21)
+        hidden = []
+        for q_lens, seq_lens, tok in (([21], [21], ids), ([1], [22], torch.tensor([7]))):
+            pos = torch.arange(seq_lens[0] - q_lens[0], seq_lens[0])
+            meta = build_metadata(q_lens, seq_lens, [[0, 1]], 16, runner.fused_decode)
+            cos, sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)
+            with torch.inference_mode():
+                hidden.append(model(tok, cos, sin, runner.kv_caches, meta))
+        outs.append(hidden)
+    for plain, fused in zip(*outs):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
