@@ -146,7 +146,9 @@ class LlamaModel(nn.Module):
             h = layer.self_attn.forward_fused(h, cos2d, sin2d, kv, meta)
             h = cpu_ops.add_rms_norm_(h, residual, layer.post_attention_layernorm.weight, eps)
             h = layer.mlp.forward_fused(h)
-            following = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            following = (
+                self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            )
             h = cpu_ops.add_rms_norm_(h, residual, following.weight, eps)
         return h
 
