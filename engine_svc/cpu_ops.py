@@ -33,18 +33,7 @@ from torch import nn
 log = logging.getLogger("pagedserve.engine")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_decode.cpp", "packed_linear.cpp", "elementwise.cpp")
-FUNCTIONS = [
-    "paged_decode",
-    "use_generic_decode",
-    "packed_linear",
-    "packed_linear_supported",
-    "packed_linear_panel_width",
-    "rms_norm",
-    "add_rms_norm_",
-    "rotary_",
-    "silu_mul",
-]
+SOURCES = ("paged_decode.cpp", "packed_linear.cpp", "elementwise.cpp", "bindings.cpp")
 # -fopenmp: at::parallel_for is serial without it. It links libgomp.so.1, which resolves to the
 # copy torch has already loaded (one thread pool). -march=native: the build is tied to this CPU,
 # so the CPU's flags are part of the build name (a cache copied to another CPU rebuilds).
@@ -56,11 +45,11 @@ _tried = False
 
 
 def build_name(sources: list[str]) -> str:
-    """Changes whenever a source, the bound functions, the flags or the CPU changes."""
+    """Changes whenever a source, the flags or the CPU changes."""
     h = hashlib.sha256()
     for text in sources:
         h.update(text.encode())
-    h.update(" ".join(FUNCTIONS + CFLAGS).encode())
+    h.update(" ".join(CFLAGS).encode())
     h.update(_cpu_flags().encode())
     return f"pagedserve_cpu_ops_{h.hexdigest()[:16]}"
 
@@ -95,8 +84,7 @@ def load():
             log.info("building the CPU kernels (once; cached by torch as %s)", name)
             _module = load_inline(
                 name=name,
-                cpp_sources=sources,
-                functions=FUNCTIONS,
+                cpp_sources=sources,  # bindings.cpp binds them (GIL released)
                 extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

@@ -13,7 +13,10 @@ using it.
 
 from __future__ import annotations
 
+import os
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -28,7 +31,7 @@ from kernels import reference
 pytestmark = pytest.mark.skipif(
     cpu_ops.load() is None, reason="the C++ CPU kernel could not be built here"
 )
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 
 
 def _case(num_heads, kv_heads, head_size, block_size, dtype, lens, num_blocks, high_ids, gen):
@@ -51,15 +54,27 @@ def _case(num_heads, kv_heads, head_size, block_size, dtype, lens, num_blocks, h
     vc[:, owned] = torch.randn(kv_heads, len(ids), block_size, head_size, generator=gen).to(dtype)
     q = torch.randn(len(lens), num_heads, head_size, generator=gen).to(dtype)
     width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    # Rows are padded with a block nobody owns (all NaN), so reading padding poisons the output.
+    pad = next((b for b in range(num_blocks) if b not in set(ids)), 0)
+    bt = torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int64)
     return q, kc, vc, bt, torch.tensor(lens, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(
     "num_heads,kv_heads,head_size",
-    [(9, 3, 64), (4, 4, 128), (8, 2, 64), (6, 1, 128), (10, 2, 48), (14, 2, 64)],
+    # group sizes 1, 2, 3, 4, 8 (compiled specialisations) and 5, 6, 7 (generic)
+    [
+        (9, 3, 64),
+        (4, 4, 128),
+        (8, 4, 128),
+        (8, 2, 64),
+        (8, 1, 64),
+        (6, 1, 128),
+        (10, 2, 48),
+        (14, 2, 64),
+    ],
 )
 @pytest.mark.parametrize("path", ["fast", "generic"])
 def test_matches_reference(num_heads, kv_heads, head_size, block_size, dtype, path, kernel_path):
@@ -92,6 +107,18 @@ def test_block_sizes_off_the_chunk(block_size, path, kernel_path):
     lens = [1, 7, block_size, 2 * block_size + 3, 150]
     q, kc, vc, bt, sl = _case(9, 3, 64, block_size, torch.float32, lens, 64, False, gen)
     _check(q, kc, vc, bt, sl, torch.float32, seed)
+
+
+@pytest.mark.parametrize("path", ["fast", "generic"])
+def test_nan_in_context_reaches_the_output(path, kernel_path):
+    """A NaN in K inside a sequence's context (an upstream blow-up) must show, not vanish."""
+    kernel_path(path)
+    gen = torch.Generator().manual_seed(0)
+    q, kc, vc, bt, sl = _case(9, 3, 64, 16, torch.float32, [40, 40], 16, False, gen)
+    kc[1, bt[0, 1], 3] = float("nan")  # KV head 1, token 19 of sequence 0
+    out = cpu_ops.paged_decode(q, kc, vc, bt, sl, 0.125)
+    assert out[0, 3:6].isnan().all()  # the query heads of KV head 1
+    assert not out[0, :3].isnan().any() and not out[1].isnan().any()
 
 
 def test_large_block_ids():
@@ -285,7 +312,8 @@ def test_rotary_in_place_matches_reference(head_size):
 def test_silu_mul_matches_torch():
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
-    gu = torch.randn(19, 2 * 1536, generator=gen) * 8  # wide range: exp over/underflow
+    gu = torch.randn(19, 2 * 1536, generator=gen) * 8
+    gu[0, :8] = torch.tensor([100.0, -100.0, 1000.0, -1000.0, 88.5, -88.5, 0.0, -0.0])  # exp limits
     want = torch.nn.functional.silu(gu[:, :1536]) * gu[:, 1536:]
     torch.testing.assert_close(cpu_ops.silu_mul(gu), want, rtol=1e-5, atol=1e-5)
 
@@ -305,7 +333,8 @@ def test_fused_ops_refuse_bad_input():
 
 def test_fused_model_forward_matches_plain():
     """The whole model: fused element-wise ops vs the plain torch ones (packed linears in both),
-    prefill then a decode step over the cached KV."""
+    head size 64 with 3 query heads per KV head (the fast decode path): two prefills, then two
+    decodes over the cached KV mixed with a third prefill in one batch."""
     from engine_svc.attention import build_metadata
     from engine_svc.model_loader import dummy_model
     from engine_svc.model_runner import ModelRunner
@@ -314,15 +343,19 @@ def test_fused_model_forward_matches_plain():
         {
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": 128,
-            "hidden_size": 64,
-            "intermediate_size": 96,
+            "hidden_size": 384,
+            "intermediate_size": 200,
             "num_hidden_layers": 3,
-            "num_attention_heads": 4,
+            "num_attention_heads": 6,
             "num_key_value_heads": 2,
-            "head_dim": 16,
+            "head_dim": 64,
             "max_position_embeddings": 256,
         }
     )
+    steps = [  # (query lens, seq lens, block tables, token ids): decodes first, as the runner does
+        ([21, 5], [21, 5], [[0, 1], [2]], list(range(3, 24)) + [40, 41, 42, 43, 44]),
+        ([1, 1, 9], [6, 22, 9], [[2], [0, 1], [3]], [7, 9] + list(range(60, 69))),
+    ]
     outs = []
     for fused in (False, True):
         model = dummy_model(mc, torch.float32, seed=5)
@@ -332,14 +365,81 @@ def test_fused_model_forward_matches_plain():
         if not fused:
             model.fused_cpu_ops = False
         assert model.fused_cpu_ops is fused
-        ids = torch.arange(3, 3 + 21)
         hidden = []
-        for q_lens, seq_lens, tok in (([21], [21], ids), ([1], [22], torch.tensor([7]))):
-            pos = torch.arange(seq_lens[0] - q_lens[0], seq_lens[0])
-            meta = build_metadata(q_lens, seq_lens, [[0, 1]], 16, runner.fused_decode)
+        for q_lens, seq_lens, tables, tok in steps:
+            pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
+            meta = build_metadata(q_lens, seq_lens, tables, 16, runner.fused_decode)
             cos, sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)
             with torch.inference_mode():
-                hidden.append(model(tok, cos, sin, runner.kv_caches, meta))
+                hidden.append(model(torch.tensor(tok), cos, sin, runner.kv_caches, meta))
         outs.append(hidden)
     for plain, fused in zip(*outs):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_ops_release_the_gil():
+    """A long kernel call must not stall the engine's IO thread (heartbeats, health probes):
+    Python code in another thread keeps running while it computes."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 576, generator=gen)
+    w = torch.randn(8192, 576, generator=gen)
+    packed = cpu_ops.pack_weight(w) if cpu_ops.packed_linear_supported() else None
+    q, kc, vc, bt, sl = _case(9, 3, 64, 16, torch.float32, [2000] * 48, 6200, False, gen)
+    calls = [lambda: cpu_ops.paged_decode(q, kc, vc, bt, sl, 0.125)]
+    if packed is not None:
+        calls.append(lambda: cpu_ops.packed_linear(x, packed, 8192))
+    for call in calls:
+        span: list[float] = []
+
+        def worker(call=call, span=span):
+            span.append(time.monotonic())
+            for _ in range(10):
+                call()
+            span.append(time.monotonic())
+
+        ticks = []
+        t = threading.Thread(target=worker)
+        t.start()
+        while t.is_alive():
+            ticks.append(time.monotonic())
+            time.sleep(0.001)
+        t.join()
+        start, end = span
+        inside = [x for x in ticks if start < x < end]
+        # Holding the GIL, the loop above could not run at all while the kernel does.
+        assert len(inside) >= 10, (end - start, len(inside))
+
+
+def test_without_the_kernels_the_torch_path_gives_the_same_tokens(tmp_path):
+    """PAGEDSERVE_CPU_KERNEL=0 (as when no compiler is there): the engine runs on the plain
+    torch path and produces the same greedy tokens."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", num_heads=6, num_kv_heads=2, head_dim=64)
+    script = f"""
+import json
+from engine_svc import LLM, SamplingParams
+llm = LLM({str(path)!r}, dtype="float32", num_kv_blocks=32, progress=False)
+r = llm.engine.runner
+out = llm.generate([[5, 6, 7, 8], list(range(10, 40))],
+                   SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+print(json.dumps([r.fused_decode, r.packed_linears, r.model.fused_cpu_ops,
+                  [o.outputs[0].token_ids for o in out]]))
+"""
+    runs = []
+    for flag in ("1", "0"):
+        env = {**os.environ, "PAGEDSERVE_CPU_KERNEL": flag}
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with_kernels, without = runs
+    packed = 4 * 2 + 1 if cpu_ops.packed_linear_supported() else 0  # per layer 4, + lm_head
+    assert with_kernels[:3] == [True, packed, True]
+    assert without[:3] == [False, 0, False]
+    assert with_kernels[3] == without[3]

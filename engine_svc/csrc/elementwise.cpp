@@ -6,6 +6,7 @@
 // it (rotate halves), silu(gate) * up.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 
 namespace {
@@ -32,7 +33,7 @@ inline void norm_row(const float* __restrict r, const float* __restrict w, float
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.numel() == x.size(1) &&
-                  w.scalar_type() == torch::kFloat32,
+                  w.device().is_cpu() && w.scalar_type() == torch::kFloat32,
               "rms_norm: contiguous x [rows, H] and float32 weight [H]");
   auto out = torch::empty_like(x);
   const int64_t R = x.size(0), H = x.size(1);
@@ -51,7 +52,7 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tens
   check_rows(x, "x");
   check_rows(residual, "residual");
   TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes() &&
-                  w.is_contiguous() && w.numel() == x.size(1) &&
+                  w.is_contiguous() && w.numel() == x.size(1) && w.device().is_cpu() &&
                   w.scalar_type() == torch::kFloat32,
               "add_rms_norm_: contiguous x and residual [rows, H], float32 weight [H]");
   auto out = torch::empty_like(x);
@@ -120,8 +121,11 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
       const float* __restrict g = gp + r * 2 * I;
       const float* __restrict u = g + I;
       float* __restrict o = op + r * I;
+      // exp's argument is capped so it stays finite: the fast-math reciprocal of an infinite
+      // 1 + exp(-g) would be NaN, not 0. A NaN gate still gives NaN (it is the numerator).
 #pragma omp simd
-      for (int64_t j = 0; j < I; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+      for (int64_t j = 0; j < I; ++j)
+        o[j] = g[j] / (1.f + std::exp(std::min(-g[j], 80.f))) * u[j];
     }
   });
   return out;

@@ -103,7 +103,8 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t N,
   TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, "N = ", N, " does not fit ", P, " panels");
   const float* bp = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 &&
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == torch::kFloat32 &&
+                    bias->dim() == 1 &&
                     bias->numel() == N && bias->is_contiguous(),
                 "bias must be a contiguous float32 [N] vector");
     bp = bias->data_ptr<float>();

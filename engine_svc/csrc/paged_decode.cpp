@@ -86,11 +86,11 @@ static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-// exp for float lanes, clamped to [-87, 88] (no infinities): range reduction to
-// x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r, then scalef by 2^n.
-// Relative error about 2e-7.
+// exp of float lanes: range reduction to x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial for e^r, then scalef by 2^n, which underflows to 0 and overflows to inf by
+// itself. No clamping: a NaN lane stays NaN (a NaN in K must reach the output, as in the
+// generic path). Relative error about 2e-7.
 static inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -286,6 +286,10 @@ static void decode_kernel(
 
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu() &&
+                  value_cache.device().is_cpu() && block_tables.device().is_cpu() &&
+                  seq_lens.device().is_cpu(),
+              "CPU tensors only");
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "inputs must be contiguous");
@@ -296,9 +300,8 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   auto out = torch::empty_like(query);
   const int64_t n = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t KVH = key_cache.size(0), NB = key_cache.size(1), BS = key_cache.size(2);
-  TORCH_CHECK(H % KVH == 0 && key_cache.size(3) == D, "shape mismatch");
+  TORCH_CHECK(KVH > 0 && BS > 0 && H % KVH == 0 && key_cache.size(3) == D, "shape mismatch");
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "key and value caches differ in shape");
-  TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() &&
                   value_cache.scalar_type() == query.scalar_type(), "dtypes differ");
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && lens.numel() == n,
