@@ -8,6 +8,16 @@
 #include <limits>
 #include <vector>
 
+// One step of the online softmax of a query head: the running max m becomes mn (>= m), the
+// running sum l takes this chunk's sum of exp(score - mn); returns the factor by which the
+// accumulated output must be rescaled (1 for the first chunk).
+static inline float online_update(bool first, float mn, float sum, float& m, float& l) {
+  const float corr = first ? 1.f : std::exp(m - mn);
+  l = first ? sum : l * corr + sum;
+  m = mn;
+  return corr;
+}
+
 // One (sequence, KV head): the scores of its G query heads against the context, softmax, and
 // the weighted sum of V, block by block with an online softmax (running max m and sum l per
 // query head; acc rescaled when the max grows), so each K and V block is read once, in place.
@@ -54,18 +64,12 @@ static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh
         pg[t] = e;
         sum += e;
       }
-      if (start == 0) {
-        l[g] = sum;
-      } else {
-        const float corr = std::exp(m[g] - mn);
-        l[g] = l[g] * corr + sum;
-        if (corr != 1.f) {
-          float* __restrict ag = acc + g * D;
+      const float corr = online_update(start == 0, mn, sum, m[g], l[g]);
+      if (corr != 1.f) {
+        float* __restrict ag = acc + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-        }
+        for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
       }
-      m[g] = mn;
     }
     for (int64_t t = 0; t < nt; ++t) {
       const scalar_t* __restrict v = vb + t * D;
@@ -174,17 +178,11 @@ static void decode_one_avx512(const float* __restrict qf, const float* __restric
       const __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(s, _mm512_set1_ps(mn))));
       const float sum = _mm512_reduce_add_ps(e);
       _mm512_store_ps(p[g], e);
-      if (start == 0) {
-        l[g] = sum;
-      } else {
-        const float corr = std::exp(m[g] - mn);
-        l[g] = l[g] * corr + sum;
-        if (corr != 1.f) {
-          const __m512 cv = _mm512_set1_ps(corr);
-          for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-        }
+      const float corr = online_update(start == 0, mn, sum, m[g], l[g]);
+      if (corr != 1.f) {
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
       }
-      m[g] = mn;
     }
     for (int64_t t = 0; t < nt; ++t) {
       if (nk != nullptr) {
