@@ -158,7 +158,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = _module.packed_linear(
+        y = packed_linear(
             x.reshape(-1, self.in_features).contiguous(), self.packed, self.out_features, self.bias
         )
         return y.view(*lead, self.out_features)

@@ -13,12 +13,14 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 
+// Panel width (two 16-float vectors), also what pack_weight pads to.
+constexpr int64_t NR = 32;
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
 namespace {
 
-constexpr int64_t NR = 32;   // panel width: two 16-float vectors
 constexpr int64_t MR = 12;   // rows per tile: 24 accumulators + 2 weights + 1 broadcast
 constexpr int64_t MC = 192;  // rows per chunk: the chunk of x stays in L2 across panels
 constexpr int64_t PF = 32;   // prefetch distance in panel rows (4 KiB ahead)
@@ -139,10 +141,4 @@ torch::Tensor packed_linear(torch::Tensor, torch::Tensor, int64_t, c10::optional
 
 #endif
 
-int64_t packed_linear_panel_width() {
-#if defined(__AVX512F__)
-  return NR;
-#else
-  return 32;
-#endif
-}
+int64_t packed_linear_panel_width() { return NR; }

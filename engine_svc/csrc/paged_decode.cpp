@@ -5,7 +5,6 @@
 #include <atomic>
 #include <type_traits>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 // One step of the online softmax of a query head: the running max m becomes mn (>= m), the
