@@ -91,6 +91,21 @@ def cuda_time(fn, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(fn, iters: int, reps: int = 10) -> float:
+    """Median seconds per call of `reps` back-to-back calls replayed from one CUDA graph, so
+    that host launch overhead stays out of the figure (for timing single kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return cuda_time(graph.replay, iters) / reps
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -186,7 +201,7 @@ def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]
         qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
         splits = decode_num_splits(b, kvh, sms)
         call = partial(paged_attention, q, kc, vc, tables, lens, qsl, hd**-0.5, None, splits)
-        t = cuda_time(call, iters)
+        t = graph_time(call, iters)
         kv_bytes = 2 * b * ctx * kvh * hd * 2
         out.append((b, ctx, splits, t, kv_bytes / t))
         print(
@@ -194,6 +209,49 @@ def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]
         )
         del call, kc, vc
     return out
+
+
+def attention_sweep(iters: int) -> None:
+    """Time launch configurations of the decode attention kernel (tile, warps, stages, splits)
+    on 8B-shaped decode batches and print each against the default; for choosing defaults."""
+    from kernels.triton_ops import paged_attention
+
+    bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, ctx in [(1, 32768), (8, 8192), (64, 4096), (256, 2048)]:
+        bs, kvh, hd = 16, 8, 128
+        width = -(-ctx // bs)
+        kc = torch.randn(b * width, bs, kvh, hd, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        tables = torch.randperm(b * width, device="cuda").int().view(b, width)
+        q = torch.randn(b, 32, hd, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+        qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+        kv_bytes = 2 * b * ctx * kvh * hd * 2
+        default_splits = decode_num_splits(b, kvh, sms)
+        want = paged_attention(q, kc, vc, tables, lens, qsl, hd**-0.5, None, default_splits)
+        rows = []
+        for splits in (default_splits, 2 * default_splits):
+            for tile_n in (32, 64, 128):
+                for warps in (4,):
+                    for stages in (2, 3):
+                        kw = dict(tile_n=tile_n, num_warps=warps, num_stages=stages)
+                        call = partial(paged_attention, q, kc, vc, tables, lens, qsl, hd**-0.5,
+                                       None, splits, **kw)  # fmt: skip
+                        try:
+                            got = call()
+                            err = (got.float() - want.float()).abs().max().item()
+                            t = graph_time(call, iters)
+                        except Exception as e:  # e.g. out of shared memory
+                            print(f"  b={b} ctx={ctx} splits={splits} {kw}: {type(e).__name__}")
+                            continue
+                        rows.append((kv_bytes / t / bw, t, splits, tile_n, warps, stages, err))
+        rows.sort(reverse=True)
+        print(f"sweep b={b} ctx={ctx} (default splits {default_splits}): best first")
+        for share, t, splits, tile_n, warps, stages, err in rows[:6]:
+            print(f"  {share:6.1%} {_ms(t)} splits={splits} tile_n={tile_n} warps={warps} "
+                  f"stages={stages} maxerr={err:.1e}")  # fmt: skip
+        del kc, vc
 
 
 # -- (c) throughput vs transformers -------------------------------------------------------------
@@ -266,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512, help="context length of decode steps")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--skip-hf", action="store_true", help="no transformers comparison")
+    p.add_argument("--sweep", action="store_true", help="only time attention launch configurations")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.sweep:
+        attention_sweep(iters=20)
+        return 0
     output = args.output or (None if args.quick else DEFAULT_OUTPUT)
     shapes = ["Llama-3.2-1B"] if args.quick else ["Llama-3-8B", "Llama-3.2-1B"]
     iters = 5 if args.quick else 30
@@ -319,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         throughput_rows.append((shape, ours, hf, out_len))
 
     print("attention kernel")
-    cases = [(1, 4096), (8, 4096), (64, 2048)] if args.quick else [
-        (1, 8192), (1, 32768), (8, 8192), (64, 4096), (256, 2048)]  # fmt: skip
+    # KV of every case is over 2x the L2 (60 MB on an H200), so repeats do not run from cache.
+    cases = [(1, 32768), (8, 8192)] if args.quick else [
+        (1, 32768), (1, 131072), (8, 8192), (64, 4096), (256, 2048)]  # fmt: skip
     att = attention_bandwidth(cases, iters)
     lines += [
         "",

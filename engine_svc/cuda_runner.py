@@ -24,7 +24,7 @@ from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("pagedserve.cuda_runner")
 
-MAX_SPLITS = 16
+MAX_SPLITS = 64
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -61,6 +61,8 @@ class CudaModelRunner:
 
         self.ops = triton_ops
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set_device needs one
         self.cfg, self.dtype, self.block_size = cfg, dtype, block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -43,13 +43,13 @@ class StepStats:
 
 
 def resolve_model_path(model: str | None, progress: bool) -> Path:
-    from engine_svc import model_fetch  # imports gguf; only needed here
+    if model is None or Path(model).suffix == ".gguf":
+        from engine_svc import model_fetch  # imports gguf: not needed for an HF directory
 
-    if model is None:
-        return model_fetch.fetch_default_model(progress=progress)
+        if model is None:
+            return model_fetch.fetch_default_model(progress=progress)
+        return model_fetch.convert_gguf_cached(Path(model).expanduser(), progress=progress)
     path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        return model_fetch.convert_gguf_cached(path, progress=progress)
     if not path.exists():
         raise InvalidRequestError(f"model path {path} does not exist")
     return path

@@ -216,10 +216,16 @@ def paged_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size]
     num_splits: int = 1,
+    *,
+    tile_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton launcher of ``kernels.reference.paged_attention`` (see there for semantics).
 
     ``num_splits`` (a power of two) > 1 selects the split-KV variant; the result is the same.
+    ``tile_n`` (keys per inner step, a power of two >= 16), ``num_warps`` and ``num_stages``
+    override the launch configuration (``benchmarks/gpu_bench.py --sweep`` times them).
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, block_size, num_kv_heads, kv_head_size = key_cache.shape
@@ -241,6 +247,9 @@ def paged_attention(
     block_q = max(1, block_m // group)
     head_pad = max(16, triton.next_power_of_2(head_size))
     num_seqs = seq_lens.shape[0]
+    if tile_n is not None and (tile_n < 16 or tile_n & (tile_n - 1)):
+        raise ValueError(f"tile_n must be a power of two >= 16, got {tile_n}")
+    launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     part_out = part_ml = out  # unused placeholders when not splitting
     if num_splits > 1:
@@ -275,9 +284,10 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         BLOCK_SIZE=block_size,
-        TILE_N=max(16, block_size),
+        TILE_N=tile_n or max(block_size, 64 if head_pad * query.element_size() <= 256 else 32),
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        **launch,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](

@@ -1,8 +1,11 @@
 """Neox-style rotary embedding of q and k in one launch, one program per token.
 
 Scaling variants (Llama 3, linear) live in the cos/sin cache (``rope_cos_sin_cache``), so one
-kernel serves them all. Rounding follows the reference (cos/sin cast to the activation dtype,
-each product and the sum rounded), which is what Hugging Face Llama does.
+kernel serves them all. The arithmetic is float32 from the float32 cos/sin cache with one
+rounding to the activation dtype at the end. The reference rounds as Hugging Face Llama does
+(cos/sin, each product and the sum in the activation dtype), so in fp16/bf16 the two differ by
+an ulp or so; in float32 they agree to rounding. (Rounding the intermediates here too is not
+possible: the GPU compiler folds a float32 -> bf16 -> float32 round trip away, seen on an H200.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ def _rotate_heads(
     stride_t: tl.int64,  # source strides (a view into the fused qkv output)
     stride_h: tl.int64,
     token,
-    cos,  # [HALF_PAD] in the activation dtype, as float32
+    cos,  # [HALF_PAD] float32
     sin,
     NUM_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -36,12 +39,8 @@ def _rotate_heads(
     ty = dst_ptr.dtype.element_ty
     x1 = tl.load(src_ptr + base + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src_ptr + base + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    a1 = (x1 * cos[None, :]).to(ty).to(tl.float32)
-    b1 = (x2 * sin[None, :]).to(ty).to(tl.float32)
-    a2 = (x2 * cos[None, :]).to(ty).to(tl.float32)
-    b2 = (x1 * sin[None, :]).to(ty).to(tl.float32)
-    tl.store(dst + d, (a1 - b1).to(ty), mask=mask)
-    tl.store(dst + HALF + d, (a2 + b2).to(ty), mask=mask)
+    tl.store(dst + d, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=mask)
+    tl.store(dst + HALF + d, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=mask)
     if TAIL_PAD > 0:
         e = tl.arange(0, TAIL_PAD)[None, :]
         tail_mask = (h < NUM_HEADS) & (e < HEAD_SIZE - 2 * HALF)
@@ -74,11 +73,8 @@ def _rotary_kernel(
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     d = tl.arange(0, HALF_PAD)
-    ty = q_out_ptr.dtype.element_ty
     cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0)
-    cos = cos.to(ty).to(tl.float32)
-    sin = sin.to(ty).to(tl.float32)
     _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, token, cos, sin,
                   NUM_HEADS, HEAD_SIZE, HALF, HEADS_PAD, HALF_PAD, TAIL_PAD)  # fmt: skip
     _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, token, cos, sin,
@@ -91,7 +87,9 @@ def rotary_embedding(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos half | sin half
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton launcher of ``kernels.reference.rotary_embedding``; returns new (q, k)."""
+    """Triton launcher of ``kernels.reference.rotary_embedding``; returns new (q, k).
+
+    Computes in float32 and rounds once (the reference rounds each step as HF does)."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key.shape[1]
     rot = cos_sin_cache.shape[1]

@@ -273,14 +273,22 @@ def test_rotary_embedding(dtype, head_size, scaling, gen):
     k = qkv[:, heads * head_size : (heads + kv_heads) * head_size].view(n, kv_heads, head_size)
     pos = torch.randint(0, 4096, (n,), generator=gen)
     pos[0] = 0
-    want_q, want_k = reference.rotary_embedding(pos, q, k, cache)
     got_q, got_k = triton_ops.rotary_embedding(
         pos.to(DEVICE), q.to(DEVICE), k.to(DEVICE), cache.to(DEVICE)
     )
-    # Same rounding steps as the reference; fp32 may differ in the last bit (fma).
-    tol = 1e-5 if dtype == torch.float32 else 0.0
-    torch.testing.assert_close(got_q.cpu(), want_q, rtol=tol, atol=tol)
-    torch.testing.assert_close(got_k.cpu(), want_k, rtol=tol, atol=tol)
+    # The kernel rounds once from float32 arithmetic: within half an ulp of the exact result
+    # (computed in float64 from the same float32 cos/sin), plus float32 error.
+    exact = reference.rotary_embedding(pos, q.double(), k.double(), cache.double())
+    half_ulp = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    for got, want in zip((got_q, got_k), exact):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu().double(), want, rtol=half_ulp, atol=1e-6)
+    # and close to the reference, which rounds cos/sin, each product and the sum as HF does:
+    # each of those roundings is at most half an ulp of |x1| + |x2| <= 2 max|x|, or of the sum.
+    want_q, want_k = reference.rotary_embedding(pos, q, k, cache)
+    bound = dict(rtol=2 * half_ulp + 1e-6, atol=8 * half_ulp * qkv.abs().max().item() + 1e-6)
+    torch.testing.assert_close(got_q.cpu(), want_q, **bound)
+    torch.testing.assert_close(got_k.cpu(), want_k, **bound)
 
 
 def test_rotary_partial_rotary_dim(gen):

@@ -107,7 +107,8 @@ def test_capture_sizes():
 
 
 def test_decode_num_splits_fills_the_gpu():
-    assert decode_num_splits(1, 8, 132) == 16  # capped
+    assert decode_num_splits(1, 8, 132) == 64  # capped
+    assert decode_num_splits(2, 8, 132) == 32  # 16 programs * 32 >= 264
     assert decode_num_splits(8, 8, 132) == 8  # 64 programs * 8 >= 264
     assert decode_num_splits(64, 8, 132) == 1
     assert decode_num_splits(256, 1, 132) == 2
