@@ -284,7 +284,7 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         BLOCK_SIZE=block_size,
-        TILE_N=tile_n or max(block_size, 64 if head_pad * query.element_size() <= 256 else 32),
+        TILE_N=tile_n or _default_tile_n(block_size, head_pad * query.element_size(), num_splits),
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         **launch,
@@ -302,6 +302,15 @@ def paged_attention(
             NUM_SPLITS=num_splits,
         )
     return out
+
+
+def _default_tile_n(block_size: int, row_bytes: int, num_splits: int) -> int:
+    """Keys per inner step, from a launch sweep on an H200 (docs/kernels.md): 64 keys when one
+    program walks a whole context (large batches, prefill), 32 for split-KV decodes, whose
+    short ranges waste less of a smaller tile; 32 also for rows over 256 bytes (fp32 head 128)
+    so that three pipeline stages of K and V stay well inside shared memory."""
+    tile = 64 if num_splits == 1 and row_bytes <= 256 else 32
+    return max(tile, block_size)
 
 
 def _check_attention_args(
