@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +232,19 @@ def test_dummy_weights_keep_the_config(model_dir):
     out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
     assert llm.engine.model_config.vocab_size == 256
+
+
+def test_hf_directory_loads_without_gguf(model_dir):
+    # gguf only converts the default model; a machine without it (a lent GPU box) still serves
+    # a Hugging Face directory. Found on the first GPU run, where gguf was not installed.
+    code = (
+        "import sys; sys.modules['gguf'] = None  # any import of gguf now fails\n"
+        "from engine_svc import LLM, SamplingParams\n"
+        "llm = LLM(sys.argv[1], dtype='float32', num_kv_blocks=16, progress=False)\n"
+        "out = llm.generate([[3, 4]], SamplingParams(max_tokens=2, ignore_eos=True))[0]\n"
+        "assert len(out.outputs[0].token_ids) == 2\n"
+        "assert 'engine_svc.model_fetch' not in sys.modules\n"
+    )
+    env = {**os.environ, "PAGEDSERVE_CPU_KERNEL": "0"}
+    subprocess.run([sys.executable, "-c", code, str(model_dir)], check=True, env=env,
+                   cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip

@@ -76,6 +76,7 @@ def _check_attention(
     num_splits=1,
     num_blocks=64,
     high_ids=False,
+    **launch,
 ):
     num_heads, kv_heads = heads
     tables, bt, sl, qsl = _make_batch(query_lens, seq_lens, block_size, num_blocks, gen, high_ids)
@@ -87,7 +88,7 @@ def _check_attention(
     want = reference.paged_attention(q, kc, vc, bt, sl, qsl, scale)
     dev = [t.to(DEVICE) for t in (q, kc, vc, bt, sl, qsl)]
     out = torch.full_like(dev[0], float("nan"))
-    got = triton_ops.paged_attention(*dev, scale, out=out, num_splits=num_splits)
+    got = triton_ops.paged_attention(*dev, scale, out=out, num_splits=num_splits, **launch)
     assert got is out
     assert not got.isnan().any()
     rtol, atol = ATTN_TOL[dtype]
@@ -125,6 +126,14 @@ def test_paged_attention_split_kv(num_splits, dtype, gen):
 
 def test_paged_attention_split_kv_mixed_batch(gen):
     _check_attention([1, 17, 5], [60, 17, 45], (6, 2), 64, 16, torch.float32, gen, 4)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("tile_n", [16, 32, 128])
+def test_paged_attention_tile_overrides(tile_n, num_splits, gen):
+    # the default tile is 64 keys (32 when split); every other tile computes the same
+    _check_attention([1, 19, 1], [150, 19, 33], (4, 1), 64, 16, torch.bfloat16, gen, num_splits,
+                     tile_n=tile_n, num_warps=8, num_stages=2)  # fmt: skip
 
 
 def test_paged_attention_large_block_ids(gen):
@@ -181,6 +190,8 @@ def test_paged_attention_rejects_bad_layouts():
         triton_ops.paged_attention(q.half(), kc, kc, bt, i32, qsl, 1.0)
     with pytest.raises(ValueError, match="power of two"):
         triton_ops.paged_attention(q, kc, kc, bt, i32, qsl, 1.0, num_splits=3)
+    with pytest.raises(ValueError, match="tile_n"):
+        triton_ops.paged_attention(q, kc, kc, bt, i32, qsl, 1.0, tile_n=24)
     with pytest.raises(ValueError, match="KV heads"):
         triton_ops.paged_attention(torch.zeros(2, 3, 64), kc, kc, bt, i32, qsl, 1.0)
 
