@@ -190,6 +190,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
 # -- (b) attention kernel ------------------------------------------------------------------------
 
 
+KV_HEADS, HEAD_SIZE = 8, 128  # Llama-3-8B attention: 32 query heads, 8 KV heads
+
+
+def decode_attention_inputs(batch: int, context: int, device: str = "cuda"):
+    """(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc) of a bf16 decode
+    batch, every sequence at `context` tokens in shuffled 16-token blocks, and the KV bytes
+    the kernel must read."""
+    bs, width = 16, -(-context // 16)
+    bf16, i32 = dict(device=device, dtype=torch.bfloat16), dict(device=device, dtype=torch.int32)
+    kc = torch.randn(batch * width, bs, KV_HEADS, HEAD_SIZE, **bf16)
+    tables = torch.randperm(batch * width, device=device).int().view(batch, width)
+    q = torch.randn(batch, 32, HEAD_SIZE, **bf16)
+    lens = torch.full((batch,), context, **i32)
+    args = (q, kc, torch.randn_like(kc), tables, lens, torch.arange(batch + 1, **i32))
+    return args, 2 * batch * context * KV_HEADS * HEAD_SIZE * 2
+
+
 def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]:
     """(batch, context, splits, seconds, bytes/s) for 8B-shaped decode attention, bf16."""
     from kernels.triton_ops import paged_attention  # imports triton
@@ -197,23 +214,15 @@ def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
     for b, ctx in cases:
-        bs, kvh, hd = 16, 8, 128
-        width = -(-ctx // bs)
-        kc = torch.randn(b * width, bs, kvh, hd, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        tables = torch.randperm(b * width, device="cuda").int().view(b, width)
-        q = torch.randn(b, 32, hd, device="cuda", dtype=torch.bfloat16)
-        lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        splits = decode_num_splits(b, kvh, sms)
-        call = partial(paged_attention, q, kc, vc, tables, lens, qsl, hd**-0.5, None, splits)
+        inputs, kv_bytes = decode_attention_inputs(b, ctx)
+        splits = decode_num_splits(b, KV_HEADS, sms)
+        call = partial(paged_attention, *inputs, HEAD_SIZE**-0.5, None, splits)
         t = graph_time(call, iters)
-        kv_bytes = 2 * b * ctx * kvh * hd * 2
         out.append((b, ctx, splits, t, kv_bytes / t))
         print(
             f"  attention b={b} ctx={ctx} splits={splits}: {_ms(t)}, {kv_bytes / t / 1e9:.0f} GB/s"
         )
-        del call, kc, vc
+        del call, inputs
     return out
 
 
@@ -225,25 +234,17 @@ def attention_sweep(iters: int) -> None:
     bw = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for b, ctx in [(1, 32768), (8, 8192), (64, 4096), (256, 2048)]:
-        bs, kvh, hd = 16, 8, 128
-        width = -(-ctx // bs)
-        kc = torch.randn(b * width, bs, kvh, hd, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        tables = torch.randperm(b * width, device="cuda").int().view(b, width)
-        q = torch.randn(b, 32, hd, device="cuda", dtype=torch.bfloat16)
-        lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        kv_bytes = 2 * b * ctx * kvh * hd * 2
-        default_splits = decode_num_splits(b, kvh, sms)
-        want = paged_attention(q, kc, vc, tables, lens, qsl, hd**-0.5, None, default_splits)
+        inputs, kv_bytes = decode_attention_inputs(b, ctx)
+        default_splits = decode_num_splits(b, KV_HEADS, sms)
+        want = paged_attention(*inputs, HEAD_SIZE**-0.5, None, default_splits)
         rows = []
         for splits in (default_splits, 2 * default_splits):
             for tile_n in (32, 64, 128):
                 for warps in (4,):
                     for stages in (2, 3):
                         kw = dict(tile_n=tile_n, num_warps=warps, num_stages=stages)
-                        call = partial(paged_attention, q, kc, vc, tables, lens, qsl, hd**-0.5,
-                                       None, splits, **kw)  # fmt: skip
+                        call = partial(paged_attention, *inputs, HEAD_SIZE**-0.5, None, splits,
+                                       **kw)  # fmt: skip
                         try:
                             got = call()
                             err = (got.float() - want.float()).abs().max().item()
@@ -257,7 +258,7 @@ def attention_sweep(iters: int) -> None:
         for share, t, splits, tile_n, warps, stages, err in rows[:6]:
             print(f"  {share:6.1%} {_ms(t)} splits={splits} tile_n={tile_n} warps={warps} "
                   f"stages={stages} maxerr={err:.1e}")  # fmt: skip
-        del kc, vc
+        del inputs
 
 
 # -- (c) throughput vs transformers -------------------------------------------------------------
