@@ -305,10 +305,11 @@ def paged_attention(
 
 
 def _default_tile_n(block_size: int, row_bytes: int, num_splits: int) -> int:
-    """Keys per inner step, from a launch sweep on an H200 (docs/kernels.md): 64 keys when one
-    program walks a whole context (large batches, prefill), 32 for split-KV decodes, whose
-    short ranges waste less of a smaller tile; 32 also for rows over 256 bytes (fp32 head 128)
-    so that three pipeline stages of K and V stay well inside shared memory."""
+    """Keys per inner step, from a decode sweep on an H200 (docs/kernels.md): 64 keys when one
+    program walks a whole context (large batches; prefill by extension, not timed), 32 for
+    split-KV decodes, whose short ranges waste less of a smaller tile. Rows over 256 bytes (fp32
+    with head 128) keep 32 keys: not timed either way, the smaller tile is the cautious guess
+    (shared memory would allow 64: 78 KB at fp32 head 128, per the compile check)."""
     tile = 64 if num_splits == 1 and row_bytes <= 256 else 32
     return max(tile, block_size)
 

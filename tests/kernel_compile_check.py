@@ -72,6 +72,7 @@ def _cases():
     yield "attention mixed fp16 head 64 block 32", attention(fp16, (6, 2), 64, 32, [7, 1, 40], 1)
     yield "attention mixed fp32 head 128 GQA 1", attention(fp32, (4, 4), 128, 16, [3, 1], 1)
     yield "attention decode fp32, splits 8", attention(fp32, (32, 8), 128, 16, [1] * 3, 8)
+    yield "attention mixed fp32 head 256", attention(fp32, (8, 4), 256, 16, [5, 1], 1)
 
     def cache(dtype):
         k = torch.zeros(5, 8, 128, dtype=dtype)

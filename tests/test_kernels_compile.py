@@ -28,6 +28,7 @@ EXPECTED = {
     "attention mixed fp16 head 64 block 32": {"_paged_attention_kernel"},
     "attention mixed fp32 head 128 GQA 1": {"_paged_attention_kernel"},
     "attention decode fp32, splits 8": {"_paged_attention_kernel", "_combine_splits_kernel"},
+    "attention mixed fp32 head 256": {"_paged_attention_kernel"},
     "reshape_and_cache bf16": {"_reshape_and_cache_kernel"},
     "reshape_and_cache fp32": {"_reshape_and_cache_kernel"},
     "rms_norm bf16": {"_rms_norm_kernel"},
