@@ -151,23 +151,52 @@ def decode_step_times(engine: LLMEngine, batches: list[int], context: int, iters
         if b * width > num_blocks:
             print(f"  skip batch {b}: needs {b * width} KV blocks, have {num_blocks}")
             continue
-        tables = torch.arange(b * width, device="cuda", dtype=torch.int32).view(b, width)
-        ids = torch.randint(0, 128000, (b,), device="cuda")
-        pos = torch.full((b,), context - 1, device="cuda", dtype=torch.int64)
-        slots = tables[:, -1].long() * bs + (context - 1) % bs
-        lens = torch.full((b,), context, device="cuda", dtype=torch.int32)
-        batch = BatchTensors(
-            ids, pos, slots, tables, lens, torch.arange(b + 1, device="cuda", dtype=torch.int32),
-            decode_num_splits(b, runner.cfg.num_kv_heads, runner.num_sms),
-        )  # fmt: skip
-        eager = partial(_eager_step, runner, batch)
-        graph = partial(_graph_step, runner, ids, pos, slots, lens, tables)
+        eager, graph = decode_step_fns(runner, b, context)
         with torch.inference_mode():
             t_eager = cuda_time(eager, iters)
             t_graph = cuda_time(graph, iters) if graphs and graphs.padded_size(b) else None
         results[b] = (t_graph, t_eager)
         print(f"  batch {b:>3}: graphs {_ms(t_graph)}  eager {_ms(t_eager)}")
     return results
+
+
+def decode_step_fns(runner, batch_size: int, context: int):
+    """(eager step, graph step): one decode step of `batch_size` sequences at `context`
+    tokens in consecutive KV blocks, forward + logits."""
+    b, bs = batch_size, runner.block_size
+    width = -(-context // bs)
+    i32, i64 = dict(device="cuda", dtype=torch.int32), dict(device="cuda", dtype=torch.int64)
+    tables = torch.arange(b * width, **i32).view(b, width)
+    ids = torch.randint(0, 128000, (b,), device="cuda")
+    pos = torch.full((b,), context - 1, **i64)
+    slots = tables[:, -1].long() * bs + (context - 1) % bs
+    lens = torch.full((b,), context, **i32)
+    splits = decode_num_splits(b, runner.cfg.num_kv_heads, runner.num_sms)
+    batch = BatchTensors(ids, pos, slots, tables, lens, torch.arange(b + 1, **i32), splits)
+    eager = partial(_eager_step, runner, batch)
+    return eager, partial(_graph_step, runner, ids, pos, slots, lens, tables)
+
+
+def profile_decode_step(engine: LLMEngine, context: int, steps: int = 10) -> None:
+    """Print GPU time per kernel of batch-1 decode steps (replayed from the graph, then eager):
+    where a step's time goes, and how much of it is gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eager, graph = decode_step_fns(engine.runner, 1, context)
+    for name, fn in (("graph replay", graph), ("eager", eager)):
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            wall = cuda_time(fn, steps)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / steps / 1e3  # us -> ms
+        print(f"  {name}: {_ms(wall)} per step, kernels busy {busy:.3f} ms per step")
+        print(events.table(sort_by="self_device_time_total", row_limit=15))
 
 
 def _eager_step(runner, batch: BatchTensors) -> None:
@@ -371,12 +400,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--skip-hf", action="store_true", help="no transformers comparison")
     p.add_argument("--sweep", action="store_true", help="only time attention launch configurations")
+    p.add_argument(
+        "--profile", action="store_true", help="only profile batch-1 decode steps, per kernel"
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.sweep:
         attention_sweep(iters=20)
+        return 0
+    if args.profile:
+        for shape in ["Llama-3.2-1B"] if args.quick else ["Llama-3.2-1B", "Llama-3-8B"]:
+            print(f"{shape}: batch-1 decode step at {args.context} tokens")
+            engine = make_engine(hf_config_dict(shape), max_num_seqs=8, enforce_eager=False,
+                                 util=0.5)  # fmt: skip
+            profile_decode_step(engine, args.context)
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
         return 0
     output = args.output or (None if args.quick else DEFAULT_OUTPUT)
     shapes = ["Llama-3.2-1B"] if args.quick else ["Llama-3-8B", "Llama-3.2-1B"]
