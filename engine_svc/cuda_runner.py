@@ -12,7 +12,9 @@ the decode graphs (they hold the cache's address).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from engine_svc.cuda_forward import BatchTensors, forward
@@ -42,6 +44,52 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+class HostBlockTables:
+    """The block tables of recent requests as rows of one int32 array, kept across steps.
+
+    Rebuilding a [num_seqs, width] table from Python lists every step costs milliseconds at
+    256 sequences of long context; here a step writes only the blocks appended since the
+    request's last step. That relies on the block manager's contract: a request's table is
+    one live list that only grows while the request runs. A different list object under the
+    same request id means it was preempted and admitted again, and its row is rewritten. Rows
+    of requests absent from a step are reclaimed when rows run out (always correct: a row
+    that comes back is written again).
+    """
+
+    def __init__(self, num_rows: int, max_blocks: int) -> None:
+        self.array = np.zeros((num_rows, max_blocks), dtype=np.int32)
+        # request id -> (row, the list that row mirrors, entries copied)
+        self._rows: dict[str, tuple[int, list[int], int]] = {}
+        self._free = list(range(num_rows - 1, -1, -1))
+
+    def rows(self, seqs: Sequence[ScheduledSeq]) -> np.ndarray:
+        """Row index of each sequence's table, after bringing the rows up to date."""
+        out = np.empty(len(seqs), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            rid, blocks = s.request.request_id, s.block_table
+            row, mirrored, done = self._rows.get(rid) or (-1, None, 0)
+            if mirrored is not blocks:  # new here, or re-admitted after a preemption
+                row = row if row >= 0 else self._take_row(seqs)
+                done = 0
+            n = len(blocks)
+            if n > done:
+                if n > self.array.shape[1]:
+                    raise ValueError(f"{rid}: {n} blocks, table width {self.array.shape[1]}")
+                self.array[row, done:n] = blocks[done:n]
+            self._rows[rid] = (row, blocks, n)
+            out[i] = row
+        return out
+
+    def _take_row(self, seqs: Sequence[ScheduledSeq]) -> int:
+        if not self._free:
+            live = {s.request.request_id for s in seqs}
+            for rid in [r for r in self._rows if r not in live]:
+                self._free.append(self._rows.pop(rid)[0])
+        if not self._free:
+            raise ValueError(f"more sequences in one step than {self.array.shape[0]} rows")
+        return self._free.pop()
 
 
 class CudaModelRunner:
@@ -141,6 +189,8 @@ class CudaModelRunner:
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self._allocate_kv(num_blocks)
         self.max_blocks_per_seq = _cdiv(max_model_len, self.block_size)
+        # Twice the running limit, so finished requests' rows are rarely reclaimed mid-step.
+        self.host_tables = HostBlockTables(2 * self.max_num_seqs, self.max_blocks_per_seq)
         if max_model_len > self.cos_sin_cache.shape[0]:
             self.cos_sin_cache = rope_cos_sin_cache(self.cfg, max_model_len).to(self.device)
         if self.enforce_eager:
@@ -183,23 +233,25 @@ class CudaModelRunner:
                          for p in range(n))  # fmt: skip
             starts.append(starts[-1] + n)
         return self._to_device(
-            [0] * len(positions), positions, slots, tables, lens, starts, num_splits=1
+            [0] * len(positions), positions, slots, np.array(tables), lens, starts, num_splits=1
         )
 
-    def _to_device(self, ids, positions, slots, tables, seq_lens, starts, num_splits):
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+    def _to_device(self, ids, positions, slots, tables: np.ndarray, seq_lens, starts, num_splits):
         dev = self.device
 
         def put(values, dtype):
             pinned = dev.type == "cuda"  # pinned host memory makes the copy asynchronous
             return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(dev, non_blocking=True)
 
+        def put_array(a: np.ndarray) -> torch.Tensor:  # a fresh array, never the host store
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+            return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+
         return BatchTensors(
             input_ids=put(ids, torch.int64),
             positions=put(positions, torch.int64),
             slot_mapping=put(slots, torch.int64),
-            block_tables=put(padded, torch.int32),
+            block_tables=put_array(tables),
             seq_lens=put(seq_lens, torch.int32),
             query_start_loc=put(starts, torch.int32),
             num_splits=num_splits,
@@ -211,26 +263,7 @@ class CudaModelRunner:
         if self.kv_caches is None:
             raise RuntimeError("init_kv_cache() must run before execute()")
         seqs: list[ScheduledSeq] = list(sched.seqs)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens, tables, starts = [], [], [0]
-        bs = self.block_size
-        for s in seqs:
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            table = s.block_table
-            ids.extend(s.request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            tables.append(table[: _cdiv(end, bs)])
-            starts.append(starts[-1] + s.num_new_tokens)
-        decode_only = len(ids) == len(seqs)
-        splits = decode_num_splits(len(seqs), self.cfg.num_kv_heads, self.num_sms)
-        batch = self._to_device(
-            ids, positions, slots, tables, seq_lens, starts, splits if decode_only else 1
-        )
+        batch, decode_only = self.build_batch(seqs)
         if decode_only and self.graphs is not None and self.graphs.padded_size(len(seqs)):
             hidden = self.graphs.replay(
                 batch.input_ids,
@@ -242,3 +275,30 @@ class CudaModelRunner:
         else:
             hidden = self._forward(batch)
         return select_logits(self.model, seqs, hidden)
+
+    def build_batch(self, seqs: Sequence[ScheduledSeq]) -> tuple[BatchTensors, bool]:
+        """This step's inputs on the device, and whether it is decode-only (graph-eligible)."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens, starts = [], [0]
+        bs = self.block_size
+        width = 1
+        for s in seqs:
+            start = s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            table = s.block_table
+            ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            width = max(width, _cdiv(end, bs))
+            starts.append(starts[-1] + s.num_new_tokens)
+        # Columns past a sequence's own blocks hold other data; the kernels never read them.
+        tables = self.host_tables.array[self.host_tables.rows(seqs), :width]
+        decode_only = len(ids) == len(seqs)
+        splits = decode_num_splits(len(seqs), self.cfg.num_kv_heads, self.num_sms)
+        batch = self._to_device(
+            ids, positions, slots, tables, seq_lens, starts, splits if decode_only else 1
+        )
+        return batch, decode_only

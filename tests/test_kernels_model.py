@@ -128,7 +128,8 @@ def test_gpu_bench_replaces_only_its_own_section(tmp_path):
     assert "second run" in text and "first run" not in text
 
 
-def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path):
+@pytest.mark.parametrize("num_kv_blocks", [32, 4])  # 4: preemption and re-admission
+def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path, num_kv_blocks):
     """The CUDA runner's batch building (slots, tables, query starts, logits rows) driven by the
     real scheduler, with interpreted kernels on the CPU, against the CPU runner."""
     pytest.importorskip("triton")
@@ -140,7 +141,8 @@ def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path):
     from tests.tiny_models import make_tiny_model
 
     path = str(make_tiny_model(tmp_path / "tiny", num_layers=1, vocab_size=128))
-    kw = dict(dtype="float32", num_kv_blocks=32, progress=False, max_num_batched_tokens=24)
+    kw = dict(dtype="float32", num_kv_blocks=num_kv_blocks, progress=False,
+              max_num_batched_tokens=24)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 30, 9)]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -151,7 +153,64 @@ def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path):
     runner = CudaModelRunner(
         e.runner.model, e.model_config, e.dtype, 16, 8, 24, enforce_eager=True, device="cpu"
     )
-    runner.init_kv_cache(32, e.max_model_len)
+    runner.init_kv_cache(num_kv_blocks, e.max_model_len)
     e.runner = runner
-    got = llm.generate(prompts, sp, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for i, p in enumerate(prompts):
+        e.add_request(f"p{i}", p, sp)
+    reqs = dict(e.scheduler.requests)
+    preemptions = 0
+    while e.has_unfinished_requests():
+        e.step()
+        preemptions += e.last_step.num_preempted
+    got = [reqs[f"p{i}"].output_token_ids for i in range(len(prompts))]
+    assert got == [o.outputs[0].token_ids for o in want]
+    assert (preemptions > 0) == (num_kv_blocks == 4)
+
+
+def test_host_block_tables_follow_growth_readmission_and_reuse():
+    """Random steps against the block manager's contract (a request's table is one list that
+    only grows; a new list under the same id after a preemption): every scheduled row must
+    equal its list, with so few rows that reclaiming absent requests' rows happens often."""
+    from types import SimpleNamespace
+
+    from engine_svc.cuda_runner import HostBlockTables
+
+    rng = __import__("random").Random(7)
+    ht = HostBlockTables(num_rows=6, max_blocks=40)
+    live: dict[str, list[int]] = {}
+    next_id = 0
+    for _ in range(400):
+        if len(live) < 5 and rng.random() < 0.3:  # admit (possibly with cached prefix blocks)
+            live[f"r{next_id}"] = [rng.randrange(1000) for _ in range(rng.randrange(0, 4))]
+            next_id += 1
+        for rid in list(live):
+            r = rng.random()
+            if r < 0.05:
+                del live[rid]  # finished
+            elif r < 0.10:
+                live[rid] = [rng.randrange(1000) for _ in range(rng.randrange(0, 3))]  # readmit
+            elif len(live[rid]) < 40 and r < 0.5:
+                live[rid].extend(rng.randrange(1000) for _ in range(rng.randrange(1, 3)))
+        step = [rid for rid in live if rng.random() < 0.8]  # some running ones sit out a step
+        rng.shuffle(step)
+        seqs = [SimpleNamespace(request=SimpleNamespace(request_id=rid), block_table=live[rid])
+                for rid in step]  # fmt: skip
+        rows = ht.rows(seqs)
+        assert len(set(rows.tolist())) == len(rows)
+        for rid, row in zip(step, rows):
+            n = len(live[rid])
+            assert ht.array[row, :n].tolist() == live[rid]
+
+
+def test_host_block_tables_reject_overflow():
+    from types import SimpleNamespace
+
+    from engine_svc.cuda_runner import HostBlockTables
+
+    ht = HostBlockTables(num_rows=1, max_blocks=2)
+    seq = SimpleNamespace(request=SimpleNamespace(request_id="a"), block_table=[1, 2, 3])
+    with pytest.raises(ValueError, match="table width"):
+        ht.rows([seq])
+    two = [SimpleNamespace(request=SimpleNamespace(request_id=r), block_table=[1]) for r in "bc"]
+    with pytest.raises(ValueError, match="rows"):
+        ht.rows(two)

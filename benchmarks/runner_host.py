@@ -1,0 +1,135 @@
+"""Host time of the CUDA runner's per-step input building, on any machine (no GPU needed).
+
+A decode step of the CUDA path is a graph replay of a few milliseconds; the Python that builds
+its inputs (token ids, positions, slots, block tables) runs on the host before it, and at 256
+sequences of long context that used to cost as much as the step itself. This times
+``CudaModelRunner.build_batch`` (device ``cpu``, so no copy to a GPU) for 256 decodes at a few
+context lengths, each step adding one token per sequence (a new block every 16 tokens).
+
+    python -m benchmarks.runner_host                    # this checkout
+    python -m benchmarks.runner_host --against 128c6d6  # and an older engine_svc/cuda_runner.py,
+                                                        # side by side in one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+from engine_svc import cuda_runner
+from engine_svc.model_config import ModelConfig
+from engine_svc.model_loader import dummy_model
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK = 16
+NUM_SEQS = 256
+
+
+def _old_module(rev: str) -> ModuleType:
+    src = subprocess.run(
+        ["git", "show", f"{rev}:engine_svc/cuda_runner.py"],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "cuda_runner_old.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("cuda_runner_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_fn(runner):
+    """The runner's input building, for this version or an older one without build_batch."""
+    if hasattr(runner, "build_batch"):
+        return runner.build_batch
+
+    def old_build(seqs):  # the old execute() up to the device copy, line for line
+        ids, positions, slots, seq_lens, tables, starts = [], [], [], [], [], [0]
+        for s in seqs:
+            start = s.request.num_computed_tokens
+            end = start + s.num_new_tokens
+            table = s.block_table
+            ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end))
+            seq_lens.append(end)
+            tables.append(table[: -(-end // BLOCK)])
+            starts.append(starts[-1] + s.num_new_tokens)
+        return runner._to_device(ids, positions, slots, tables, seq_lens, starts, 1)
+
+    return old_build
+
+
+def _decodes(context: int, num_blocks: int) -> list[SimpleNamespace]:
+    rng = random.Random(0)
+    seqs = []
+    for i in range(NUM_SEQS):
+        n = context - 1
+        req = SimpleNamespace(request_id=f"r{i}", num_computed_tokens=n,
+                              all_token_ids=list(range(n + 1)))  # fmt: skip
+        table = rng.sample(range(num_blocks), -(-(n + 1) // BLOCK))
+        seqs.append(SimpleNamespace(request=req, num_new_tokens=1, block_table=table))
+    return seqs
+
+
+def _advance(seqs: list[SimpleNamespace]) -> None:
+    """One decode step later: one more token each, a new block where one fills up."""
+    for s in seqs:
+        s.request.num_computed_tokens += 1
+        s.request.all_token_ids.append(0)
+        if len(s.block_table) * BLOCK < s.request.num_computed_tokens + 1:
+            s.block_table.append(len(s.block_table))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--against", metavar="REV", help="also time cuda_runner.py at this git rev")
+    p.add_argument("--contexts", default="512,1024,4096", help="context lengths, comma-separated")
+    p.add_argument("--steps", type=int, default=64, help="timed steps per context")
+    args = p.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    torch.set_num_threads(1)
+    cfg = ModelConfig.from_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 2 * max(contexts),
+    })  # fmt: skip
+    model = dummy_model(cfg, torch.float32)
+    num_blocks = NUM_SEQS * (-(-2 * max(contexts) // BLOCK))
+    versions = {"this": cuda_runner}
+    if args.against:
+        versions[args.against] = _old_module(args.against)
+    builders = {}
+    for name, module in versions.items():
+        runner = module.CudaModelRunner(
+            model, cfg, torch.float32, BLOCK, NUM_SEQS, 8192, enforce_eager=True, device="cpu"
+        )
+        runner.init_kv_cache(1, 2 * max(contexts))  # tables only; the KV cache is not used
+        builders[name] = _build_fn(runner)
+    print(f"{NUM_SEQS} decodes per step, host time of building the step's inputs (ms, median)")
+    for context in contexts:
+        row = []
+        for name, build in builders.items():
+            seqs = _decodes(context, num_blocks)
+            times = []
+            for _ in range(args.steps):
+                t = time.perf_counter()
+                build(seqs)
+                times.append(time.perf_counter() - t)
+                _advance(seqs)
+            row.append(f"{name} {sorted(times)[len(times) // 2] * 1e3:.2f}")
+        print(f"  context {context}: " + ", ".join(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
