@@ -280,7 +280,7 @@ class InferenceService:
             max_model_len=info.max_model_len,
             vocab_size=info.vocab_size,
             eos_token_ids=info.eos_token_ids,
-            has_chat_template=True,
+            has_chat_template=self.pool.has_chat_template(),
             dtype=info.dtype,
             kv_cache_blocks=info.num_kv_blocks,
             kv_block_size=info.block_size,

@@ -92,6 +92,10 @@ class WorkerPool:
                 return w.status.engine
         return None
 
+    def has_chat_template(self) -> bool:
+        """Whether the ready workers' tokenizer has a chat template (they share one model)."""
+        return any(w.status.has_chat_template for w in self.workers.values() if w.ready)
+
     def engine_stats(self) -> ipc_pb2.EngineStats | None:
         live = [w for w in self.workers.values() if w.ready]
         return max(live, key=lambda w: w.last_seen).status.stats if live else None

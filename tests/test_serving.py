@@ -158,6 +158,7 @@ def test_model_info_and_list_models(client, stack):
     assert info.id == "SmolLM2-135M-Instruct"
     assert info.max_model_len > 0 and info.vocab_size == 49152
     assert info.limits.max_n == 16 and info.defaults.max_tokens == 256
+    assert info.has_chat_template  # SmolLM2-Instruct ships one
     models = client.ListModels(pb.ListModelsRequest(), metadata=stack.auth)
     assert [m.id for m in models.models] == ["SmolLM2-135M-Instruct"]
 

@@ -166,6 +166,7 @@ class Worker:
             tokenizer_ready=self.tokenizer is not None,
             engine_ready=self.engine_ready,
             num_active=len(self.active),
+            has_chat_template=bool(self.tokenizer is not None and self.tokenizer.chat_template),
         )
         if self.engine_status is not None:
             st.engine.CopyFrom(self.engine_status.info)

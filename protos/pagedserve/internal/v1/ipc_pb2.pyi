@@ -245,7 +245,7 @@ class WorkerBatch(_message.Message):
     def __init__(self, deltas: _Optional[_Iterable[_Union[TextDelta, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "tokenizer_ready", "engine_ready", "engine", "num_active", "engine_instance", "stats")
+    __slots__ = ("worker_id", "tokenizer_ready", "engine_ready", "engine", "num_active", "engine_instance", "stats", "has_chat_template")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_READY_FIELD_NUMBER: _ClassVar[int]
     ENGINE_READY_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class WorkerStatus(_message.Message):
     NUM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     tokenizer_ready: bool
     engine_ready: bool
@@ -260,7 +261,8 @@ class WorkerStatus(_message.Message):
     num_active: int
     engine_instance: str
     stats: EngineStats
-    def __init__(self, worker_id: _Optional[str] = ..., tokenizer_ready: _Optional[bool] = ..., engine_ready: _Optional[bool] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., num_active: _Optional[int] = ..., engine_instance: _Optional[str] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ...) -> None: ...
+    has_chat_template: bool
+    def __init__(self, worker_id: _Optional[str] = ..., tokenizer_ready: _Optional[bool] = ..., engine_ready: _Optional[bool] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., num_active: _Optional[int] = ..., engine_instance: _Optional[str] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class WorkerToGateway(_message.Message):
     __slots__ = ("batch", "tokenize", "status")

@@ -1,0 +1,44 @@
+"""A model without a chat template, served end to end: GetModelInfo says so, Chat fails with
+a clear INVALID_ARGUMENT, and plain prompts still work. The model is the default one with the
+template removed from its tokenizer_config.json (weights linked, not copied)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from engine_svc.model_fetch import fetch_default_model
+from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    src = fetch_default_model(progress=False)
+    model = tmp_path_factory.mktemp("no_template") / "model"
+    model.mkdir()
+    for f in src.iterdir():
+        if f.name != "tokenizer_config.json":
+            (model / f.name).symlink_to(f)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    assert cfg.pop("chat_template", None), "the default model should have had a template"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    s = start_stack(tmp_path_factory.mktemp("stack"), "--model", str(model))
+    yield s
+    assert stop_stack(s) == 0, s.log()
+
+
+def test_model_without_chat_template(stack):
+    with grpc.insecure_channel(stack.target) as ch:
+        client = stub(ch)
+        info = client.GetModelInfo(pb.GetModelInfoRequest(), metadata=stack.auth, timeout=30)
+        assert not info.has_chat_template
+        chat = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="Hi")], max_tokens=4)
+        with pytest.raises(grpc.RpcError) as err:
+            list(client.Chat(chat, metadata=stack.auth, timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no chat template" in err.value.details()
+        gen = pb.GenerateRequest(text="Hello", max_tokens=4, temperature=0)
+        out = collect(client.Generate(gen, metadata=stack.auth, timeout=60))
+        assert len(out[0]["token_ids"]) == 4 and out[0]["final"] is not None
