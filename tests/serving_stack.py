@@ -152,4 +152,13 @@ def collect(responses) -> dict:
     return out
 
 
-__all__ = ["Stack", "collect", "free_port", "pb", "start_stack", "stop_stack", "stub"]
+__all__ = [
+    "Stack",
+    "collect",
+    "free_port",
+    "pb",
+    "start_stack",
+    "stop_stack",
+    "stub",
+    "wait_serving",
+]

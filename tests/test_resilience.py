@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
+from tests.serving_stack import collect, pb, start_stack, stop_stack, stub, wait_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -122,3 +122,41 @@ def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack
         assert out[0]["final"].usage.completion_tokens == 4
     if part == "engine":
         assert "engine exited with code -9; restarting" in stack.log()
+
+
+def test_killed_gateway_is_restarted_and_its_old_requests_stop(stack):
+    """The gateway dies mid-stream: the supervisor restarts it, and the workers abort what the
+    dead gateway had asked for instead of generating it to max_tokens for nobody."""
+    with grpc.insecure_channel(stack.target) as ch:
+        client = stub(ch)
+        calls = [
+            client.Generate(
+                pb.GenerateRequest(text="Write forever:", max_tokens=3000, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=120,
+            )
+            for _ in range(3)
+        ]
+        for c in calls:
+            next(c)  # generating
+        stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 3)
+        os.kill(_pid(stack, "gateway"), signal.SIGKILL)
+        for c in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in c:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    wait_serving(stack, timeout=60)
+    # 3000 tokens each would take minutes on this machine; the aborts take a heartbeat or two.
+    stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 0, timeout=15)
+    assert "gateway exited with code -9; restarting" in stack.log()
+    assert "the gateway went away; aborting" in stack.log()
+    with grpc.insecure_channel(stack.target) as ch:
+        out = collect(
+            stub(ch).Generate(
+                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=60,
+            )
+        )
+    assert out[0]["final"].usage.completion_tokens == 4

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine_svc.errors import InvalidRequestError, PagedServeError
 from engine_svc.tokenizer import Tokenizer
@@ -74,9 +75,13 @@ class Worker:
         ctx = zmq.Context()
         self.gw = self._dealer(ctx, self.gateway_address)
         self.eng = self._dealer(ctx, self.engine_address)
+        # The gateway's connection dropping means the gateway is gone (crashed, or restarted
+        # by the supervisor): nobody will read its requests' streams any more.
+        gw_events = self.gw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self.gw, zmq.POLLIN)
         poller.register(self.eng, zmq.POLLIN)
+        poller.register(gw_events, zmq.POLLIN)
         next_beat = 0.0
         log.info("worker %s: gateway %s, engine %s", self.worker_id, *self._addrs())
         try:
@@ -88,11 +93,15 @@ class Worker:
                     self._drain(self.eng, ipc_pb2.EngineToWorker, self._on_engine)
                 if self.gw in events:
                     self._drain(self.gw, ipc_pb2.GatewayToWorker, self._on_gateway)
+                if gw_events in events:
+                    self._on_gateway_events(gw_events)
                 now = time.monotonic()
                 if now >= next_beat:
                     self._heartbeat(now)
                     next_beat = now + HEARTBEAT_S
         finally:
+            self.gw.disable_monitor()
+            gw_events.close(0)
             self.gw.close(0)
             self.eng.close(0)
             ctx.term()
@@ -299,18 +308,34 @@ class Worker:
         if kind == "generate":
             self._on_generate(msg.generate)
         elif kind == "abort":
-            ids = []
-            for rid in msg.abort.request_ids:
-                act = self.active.get(rid)
-                if act is not None:
-                    self._forget(act)
-                    ids.extend(s.engine_id for s in act.seqs if not s.finished)
-            if ids:
-                self._send_engine(
-                    ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=ids))
-                )
+            self._abort(msg.abort.request_ids)
         elif kind == "tokenize":
             self._send_gateway(ipc_pb2.WorkerToGateway(tokenize=self._tokenize(msg.tokenize)))
+
+    def _abort(self, request_ids) -> None:
+        """Stop these requests in the engine and forget them (no reply to anyone)."""
+        ids = []
+        for rid in request_ids:
+            act = self.active.get(rid)
+            if act is not None:
+                self._forget(act)
+                ids.extend(s.engine_id for s in act.seqs if not s.finished)
+        if ids:
+            self._send_engine(ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=ids)))
+
+    def _on_gateway_events(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self.active:
+                log.warning(
+                    "worker %s: the gateway went away; aborting its %d requests",
+                    self.worker_id,
+                    len(self.active),
+                )
+                self._abort(list(self.active))
 
     def _on_generate(self, req: ipc_pb2.TextRequest) -> None:
         rid = req.request_id
