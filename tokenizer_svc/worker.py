@@ -335,7 +335,21 @@ class Worker:
                     self.worker_id,
                     len(self.active),
                 )
-                self._abort(list(self.active))
+                rids = list(self.active)
+                self._abort(rids)
+                # Queued for whichever gateway connects next: a new one ignores ids it does
+                # not know; the same one after a mere network blip fails the streams it holds.
+                errs = [
+                    ipc_pb2.RequestError(
+                        request_id=rid,
+                        code=ipc_pb2.UNAVAILABLE,
+                        message="the tokenizer worker lost its connection to the gateway",
+                    )
+                    for rid in rids
+                ]
+                self._send_gateway(
+                    ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)), False
+                )
 
     def _on_generate(self, req: ipc_pb2.TextRequest) -> None:
         rid = req.request_id
