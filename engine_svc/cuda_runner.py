@@ -69,14 +69,14 @@ class HostBlockTables:
         out = np.empty(len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             rid, blocks = s.request.request_id, s.block_table
+            n = len(blocks)
+            if n > self.array.shape[1]:
+                raise ValueError(f"{rid}: {n} blocks, table width {self.array.shape[1]}")
             row, mirrored, done = self._rows.get(rid) or (-1, None, 0)
             if mirrored is not blocks:  # new here, or re-admitted after a preemption
                 row = row if row >= 0 else self._take_row(seqs)
                 done = 0
-            n = len(blocks)
             if n > done:
-                if n > self.array.shape[1]:
-                    raise ValueError(f"{rid}: {n} blocks, table width {self.array.shape[1]}")
                 self.array[row, done:n] = blocks[done:n]
             self._rows[rid] = (row, blocks, n)
             out[i] = row

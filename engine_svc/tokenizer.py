@@ -34,6 +34,9 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # [{name, template}]: take "default"
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = path / "chat_template.jinja"  # where newer HF checkpoints keep it
+        if not self.chat_template and jinja_file.is_file():
+            self.chat_template = jinja_file.read_text()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))

@@ -3,7 +3,8 @@
 # against the references, the @pytest.mark.gpu tests, the benchmark, a per-kernel profile of
 # batch-1 decode steps, and a sweep of attention launch configurations. Logs and the benchmark's markdown section go to $OUT. Every step runs
 # even when an earlier one fails; the exit status is 1 if any failed. Time limits per step
-# (seconds) come from KERNEL_TESTS_S, GPU_TESTS_S, BENCH_S, PROFILE_S and SWEEP_S.
+# (seconds) come from KERNEL_TESTS_S, GPU_TESTS_S, BENCH_S, PROFILE_S and SWEEP_S; the defaults
+# add up to 580 s, under a lent machine's 600 s per command.
 #
 #   OUT=/tmp/gpu_check bash scripts/gpu_check.sh
 set -uo pipefail
@@ -31,8 +32,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 step kernels "${KERNEL_TESTS_S:-120}" $PY -m pytest -q -p no:cacheprovider $XDIST \
   tests/test_kernels.py tests/test_kernels_model.py
 step gpu_tests "${GPU_TESTS_S:-100}" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step bench "${BENCH_S:-400}" $PY -m benchmarks.gpu_bench --output "$OUT/bench.md" ${BENCH_ARGS:-}
-step profile "${PROFILE_S:-120}" $PY -m benchmarks.gpu_bench --profile
+step bench "${BENCH_S:-240}" $PY -m benchmarks.gpu_bench --output "$OUT/bench.md" ${BENCH_ARGS:-}
+step profile "${PROFILE_S:-60}" $PY -m benchmarks.gpu_bench --profile
 step sweep "${SWEEP_S:-60}" $PY -m benchmarks.gpu_bench --sweep
 if [ -n "$FAILED" ]; then
   echo "failed:$FAILED"

@@ -42,3 +42,21 @@ def test_model_without_chat_template(stack):
         gen = pb.GenerateRequest(text="Hello", max_tokens=4, temperature=0)
         out = collect(client.Generate(gen, metadata=stack.auth, timeout=60))
         assert len(out[0]["token_ids"]) == 4 and out[0]["final"] is not None
+
+
+def test_chat_template_from_its_own_file(tmp_path):
+    """Newer HF checkpoints keep the template in chat_template.jinja, not tokenizer_config."""
+    from engine_svc.tokenizer import Tokenizer
+
+    src = fetch_default_model(progress=False)
+    (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Tokenizer(tmp_path).chat_template is None
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tok = Tokenizer(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<user>Hi<assistant>"

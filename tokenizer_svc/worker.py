@@ -74,6 +74,10 @@ class Worker:
     def run(self) -> None:
         ctx = zmq.Context()
         self.gw = self._dealer(ctx, self.gateway_address)
+        # ZMTP pings (answered by the gateway's ZeroMQ I/O thread, not its event loop): a
+        # gateway host that vanishes without closing the TCP connection counts as gone too.
+        self.gw.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.gw.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self.eng = self._dealer(ctx, self.engine_address)
         # The gateway's connection dropping means the gateway is gone (crashed, or restarted
         # by the supervisor): nobody will read its requests' streams any more.
@@ -91,10 +95,11 @@ class Worker:
                 # Read before judging liveness: after a stall the engine's status is queued.
                 if self.eng in events:
                     self._drain(self.eng, ipc_pb2.EngineToWorker, self._on_engine)
-                if self.gw in events:
-                    self._drain(self.gw, ipc_pb2.GatewayToWorker, self._on_gateway)
+                # A disconnect first: messages already read from a reconnected gateway are new.
                 if gw_events in events:
                     self._on_gateway_events(gw_events)
+                if self.gw in events:
+                    self._drain(self.gw, ipc_pb2.GatewayToWorker, self._on_gateway)
                 now = time.monotonic()
                 if now >= next_beat:
                     self._heartbeat(now)
