@@ -34,7 +34,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.offline_throughput import FULL_SPECS, QUICK_SPECS, Workload, left_pad, make_workload
+from benchmarks.offline_throughput import (
+    FULL_SPECS,
+    QUICK_SPECS,
+    Workload,
+    hf_generate,
+    make_workload,
+)
 from engine_svc.config import EngineConfig
 from engine_svc.cuda_forward import BatchTensors
 from engine_svc.cuda_runner import decode_num_splits
@@ -330,15 +336,6 @@ def pagedserve_throughput(engine: LLMEngine, wl: Workload) -> float:
     return made / elapsed
 
 
-def _hf_generate(model, wl: Workload, new_tokens: int, device: str) -> torch.Tensor:
-    """Greedy ``generate`` of exactly ``new_tokens`` for every (left-padded) prompt."""
-    ids, mask = left_pad(wl.prompts, pad_id=0)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)  # fmt: skip
-    return out[:, ids.shape[1] :]
-
-
 def hf_throughputs(hf_config: dict, workloads: list[Workload], device: str = "cuda") -> list:
     """Useful output tokens per second of ``generate`` running each workload as one static
     batch (all requests concurrent): left-padded prompts, every row generating the longest
@@ -359,14 +356,14 @@ def hf_throughputs(hf_config: dict, workloads: list[Workload], device: str = "cu
     rates = []
     with torch.inference_mode():
         for wl in workloads:
-            _hf_generate(model, wl, 4, device)  # warm-up at this workload's batch and width
+            hf_generate(model, wl.prompts, 4)  # warm-up at this workload's batch and width
             longest = max(wl.output_lens)
             _sync()
             start = time.perf_counter()
-            made = _hf_generate(model, wl, longest, device)
+            made = hf_generate(model, wl.prompts, longest)
             _sync()
             elapsed = time.perf_counter() - start
-            if made.shape[1] != longest:
+            if made != longest:
                 raise RuntimeError("transformers stopped before the longest request's length")
             rates.append(wl.requested_tokens / elapsed)
     del model

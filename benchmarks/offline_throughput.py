@@ -254,15 +254,15 @@ def hf_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], new_to
     pad = eos[0] if eos else 0  # padded prompt positions are masked out: any id works
     ids, mask = left_pad(prompts, pad)
     out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=pad,
     )
     new = out[:, ids.shape[1] :]
-    if eos and torch.isin(new, torch.tensor(eos)).any():
+    if eos and torch.isin(new, torch.tensor(eos, device=new.device)).any():
         raise RuntimeError("transformers produced EOS: a row stopped before its length")
     return new.shape[1]
 

@@ -43,13 +43,13 @@ class StepStats:
 
 
 def resolve_model_path(model: str | None, progress: bool) -> Path:
-    if model is None or Path(model).suffix == ".gguf":
+    path = None if model is None else Path(model).expanduser()
+    if path is None or path.suffix == ".gguf":
         from engine_svc import model_fetch  # imports gguf: not needed for an HF directory
 
-        if model is None:
+        if path is None:
             return model_fetch.fetch_default_model(progress=progress)
-        return model_fetch.convert_gguf_cached(Path(model).expanduser(), progress=progress)
-    path = Path(model).expanduser()
+        return model_fetch.convert_gguf_cached(path, progress=progress)
     if not path.exists():
         raise InvalidRequestError(f"model path {path} does not exist")
     return path

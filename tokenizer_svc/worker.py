@@ -340,20 +340,17 @@ class Worker:
                     self.worker_id,
                     len(self.active),
                 )
-                rids = list(self.active)
-                self._abort(rids)
-                # Queued for whichever gateway connects next: a new one ignores ids it does
-                # not know; the same one after a mere network blip fails the streams it holds.
-                errs = [
-                    ipc_pb2.RequestError(
-                        request_id=rid,
-                        code=ipc_pb2.UNAVAILABLE,
-                        message="the tokenizer worker lost its connection to the gateway",
+                ids = [s.engine_id for a in self.active.values() for s in a.seqs if not s.finished]
+                if ids:
+                    self._send_engine(
+                        ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=ids))
                     )
-                    for rid in rids
-                ]
-                self._send_gateway(
-                    ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)), False
+                # Queued for whichever gateway connects next: a new one ignores ids it does
+                # not know; the same one after a dropped connection fails the streams it holds.
+                self._fail_all(
+                    ipc_pb2.UNAVAILABLE,
+                    "the tokenizer worker lost its connection to the gateway",
+                    block=False,
                 )
 
     def _on_generate(self, req: ipc_pb2.TextRequest) -> None:
@@ -474,13 +471,13 @@ class Worker:
         err = ipc_pb2.RequestError(request_id=rid, code=code, message=message)
         self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=[err])))
 
-    def _fail_all(self, code: int, message: str) -> None:
+    def _fail_all(self, code: int, message: str, block: bool = True) -> None:
         errs = [
             ipc_pb2.RequestError(request_id=rid, code=code, message=message) for rid in self.active
         ]
         self.active.clear()
         self.by_engine.clear()
-        self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)))
+        self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)), block)
 
 
 class _Unavailable(Exception):
