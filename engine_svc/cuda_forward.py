@@ -1,9 +1,10 @@
 """The Llama forward of the CUDA path, over the weights of an ``engine_svc.model.LlamaModel``.
 
-Same maths and rounding as ``LlamaModel.forward`` (the CPU path), different kernels: the
-residual add is fused into each RMSNorm, rotary reads a cos/sin cache by position, KV is
-written by ``reshape_and_cache`` (padded rows skipped) and one ``paged_attention`` launch covers
-the whole mixed batch. ``ops`` is ``kernels.triton_ops`` on the GPU; with
+Same maths as ``LlamaModel.forward`` (the CPU path), fewer launches: the residual add is
+fused into each RMSNorm; one ``rotary_and_cache`` launch rotates q and k (cos/sin read from a
+cache by position) and writes k and v to their cache slots (padded rows skipped); one
+``paged_attention`` launch covers the whole mixed batch; ``silu_and_mul`` is one launch. Per
+layer that is two norms, four matmuls and four kernels (five with split-KV). ``ops`` is ``kernels.triton_ops`` on the GPU; with
 ``kernels.reference`` the same code runs on the CPU, which is how the tests pin it to the CPU
 model. Everything here is a fixed sequence of launches on static shapes, so a decode step can
 be captured in a CUDA graph as it is.
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from engine_svc.model import LlamaModel
 
@@ -53,14 +53,16 @@ def forward(
             h, residual = ops.fused_add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
         attn = layer.self_attn
         q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = ops.rotary_embedding(
+        q = ops.rotary_and_cache(
             batch.positions,
             q.view(n, attn.num_heads, attn.head_size),
             k.view(n, attn.num_kv_heads, attn.head_size),
+            v.view(n, attn.num_kv_heads, attn.head_size),
             cos_sin_cache,
+            kv[0],
+            kv[1],
+            batch.slot_mapping,
         )
-        v = v.view(n, attn.num_kv_heads, attn.head_size)
-        ops.reshape_and_cache(k, v, kv[0], kv[1], batch.slot_mapping)
         o = ops.paged_attention(
             q,
             kv[0],
@@ -75,8 +77,7 @@ def forward(
         h, residual = ops.fused_add_rms_norm(
             x, residual, layer.post_attention_layernorm.weight, eps
         )
-        gate, up = layer.mlp.gate_up_proj(h).split(layer.mlp.inter, dim=-1)
-        x = layer.mlp.down_proj(F.silu(gate) * up)
+        x = layer.mlp.down_proj(ops.silu_and_mul(layer.mlp.gate_up_proj(h)))
     if residual is None:  # a model without layers
         return ops.rms_norm(x, model.norm.weight, eps)
     return ops.fused_add_rms_norm(x, residual, model.norm.weight, eps)[0]

@@ -51,15 +51,15 @@ def _reshape_and_cache_kernel(
     tl.store(v_dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def reshape_and_cache(
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+def check_cache_args(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> None:
-    """Triton launcher of ``kernels.reference.reshape_and_cache``."""
-    num_tokens, num_kv_heads, head_size = key.shape
+    """The layouts a KV write needs (shared with the fused ``rotary_and_cache``)."""
+    num_tokens = key.shape[0]
     if value.shape != key.shape:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ")
     if key_cache.shape != value_cache.shape or key_cache.shape[2:] != key.shape[1:]:
@@ -74,6 +74,18 @@ def reshape_and_cache(
             raise ValueError(f"{name} must be contiguous in its last (head) dimension")
     if value_cache.stride(-1) != 1:
         raise ValueError("value_cache must be contiguous in its last (head) dimension")
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+) -> None:
+    """Triton launcher of ``kernels.reference.reshape_and_cache``."""
+    check_cache_args(key, value, key_cache, value_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_size = key.shape
     if num_tokens == 0:
         return
     _reshape_and_cache_kernel[(num_tokens,)](

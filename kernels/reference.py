@@ -16,6 +16,7 @@ Layouts (shared by every implementation):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def reshape_and_cache(
@@ -112,3 +113,26 @@ def rotary_embedding(
         return torch.cat((rot * cos + rotated * sin, x[..., 2 * half :]), dim=-1)
 
     return rotate(query), rotate(key)
+
+
+def rotary_and_cache(
+    positions: torch.Tensor,  # [num_tokens]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens], -1 = skip
+) -> torch.Tensor:  # the rotated query
+    """``rotary_embedding`` then ``reshape_and_cache`` of the rotated key and the value: what
+    attention needs before it runs, in one launch on the GPU."""
+    q, k = rotary_embedding(positions, query, key, cos_sin_cache)
+    reshape_and_cache(k, value, key_cache, value_cache, slot_mapping)
+    return q
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused [num_tokens, 2 * inter] gate|up projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

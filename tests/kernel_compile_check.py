@@ -104,6 +104,26 @@ def _cases():
     yield "rotary bf16 head 128", rotary(bf16, 128, 128)
     yield "rotary fp16 head 64, partial", rotary(fp16, 64, 32)
 
+    def rotary_cache(dtype, head_size, rotary_dim, block_size):
+        qkv = torch.zeros(5, (32 + 2 * 8) * head_size, dtype=dtype)
+        q = qkv[:, : 32 * head_size].view(5, 32, head_size)
+        k = qkv[:, 32 * head_size : 40 * head_size].view(5, 8, head_size)
+        v = qkv[:, 40 * head_size :].view(5, 8, head_size)
+        kc = torch.zeros(16, block_size, 8, head_size, dtype=dtype)
+        cache = torch.zeros(64, rotary_dim)
+        slots = torch.tensor([3, -1, 17, 40, 41])
+        return lambda: ops.rotary_and_cache(torch.arange(5), q, k, v, cache, kc, kc.clone(), slots)
+
+    yield "rotary_and_cache bf16 head 128", rotary_cache(bf16, 128, 128, 16)
+    yield "rotary_and_cache fp32 head 64 block 32, partial", rotary_cache(fp32, 64, 32, 32)
+
+    def silu_mul(dtype, inter):
+        x = torch.zeros(5, 2 * inter, dtype=dtype)
+        return lambda: ops.silu_and_mul(x)
+
+    yield "silu_and_mul bf16 8B", silu_mul(bf16, 14336)
+    yield "silu_and_mul fp16 ragged", silu_mul(fp16, 2500)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -311,3 +311,89 @@ def test_rotary_partial_rotary_dim(gen):
     got = triton_ops.rotary_embedding(pos.to(DEVICE), q.to(DEVICE), k.to(DEVICE), cache.to(DEVICE))
     for w, g in zip(want, got):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads,head_size,rotary_dim", [(2, 128, 128), (3, 64, 64), (1, 64, 32)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_rotary_and_cache(dtype, kv_heads, head_size, rotary_dim, block_size, gen):
+    """The fused launch equals rotary_embedding then reshape_and_cache, both Triton: the
+    rotated query and every cache slot bit for bit (the rotation is the same float32 code)."""
+    n, heads, num_blocks = 11, 2 * kv_heads, 16
+    cfg = _llama_cfg(rotary_dim, None)
+    cache = rope_cos_sin_cache(cfg, 4096)  # rotary dim = cfg head size
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_size, generator=gen).to(dtype)
+    q = qkv[:, : heads * head_size].view(n, heads, head_size)  # strided views, as in the model
+    k = qkv[:, heads * head_size : (heads + kv_heads) * head_size].view(n, kv_heads, head_size)
+    v = qkv[:, (heads + kv_heads) * head_size :].view(n, kv_heads, head_size)
+    pos = torch.randint(0, 4096, (n,), generator=gen)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[[0, 5]] = -1  # padded rows: the cache is not touched, the query still rotated
+    shape = (num_blocks, block_size, kv_heads, head_size)
+    kc = torch.full(shape, float("nan"), dtype=dtype)  # poisoned: only written slots change
+    vc = kc.clone()
+    dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
+    want_q, want_k = triton_ops.rotary_embedding(*dev(pos, q, k, cache))
+    want_kc, want_vc = dev(kc, vc)
+    triton_ops.reshape_and_cache(want_k, v.to(DEVICE), want_kc, want_vc, slots.to(DEVICE))
+    got_kc, got_vc = dev(kc, vc)
+    got_q = triton_ops.rotary_and_cache(*dev(pos, q, k, v, cache), got_kc, got_vc, *dev(slots))
+    assert torch.equal(got_q, want_q)
+    # both caches bit for bit, poison (in the slots not written) included
+    assert _same(got_kc.cpu(), want_kc.cpu()) and _same(got_vc.cpu(), want_vc.cpu())
+    written = int((slots >= 0).sum())
+    assert int(got_kc.isnan().sum()) == (num_blocks * block_size - written) * kv_heads * head_size
+    # and the whole thing agrees with the plain-torch reference
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ref_q = reference.rotary_and_cache(pos, q, k, v, cache, ref_kc, ref_vc, slots)
+    half_ulp = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    bound = dict(rtol=2 * half_ulp + 1e-6, atol=8 * half_ulp * qkv.abs().max().item() + 1e-6,
+                 equal_nan=True)  # fmt: skip
+    torch.testing.assert_close(got_q.cpu(), ref_q, **bound)
+    torch.testing.assert_close(got_kc.cpu(), ref_kc, **bound)
+    assert _same(got_vc.cpu(), ref_vc)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where the other is NaN."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def test_rotary_and_cache_rejects_bad_layouts():
+    q, k = torch.zeros(3, 4, 64), torch.zeros(3, 2, 64)
+    cache = torch.zeros(8, 64)
+    kc = torch.zeros(4, 16, 2, 64)
+    slots = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        triton_ops.rotary_and_cache(torch.arange(3), q, k, k, cache, kc, kc, slots.int())
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_ops.rotary_and_cache(torch.arange(3), q, k, k, cache, kc[:, :, :1], kc, slots)
+    with pytest.raises(ValueError, match="rotary dim"):
+        triton_ops.rotary_and_cache(torch.arange(3), q, k, k, torch.zeros(8, 65), kc, kc, slots)
+
+
+# -- activation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [64, 96, 2500])  # 2500: several programs, a ragged last one
+def test_silu_and_mul(dtype, inter, gen):
+    x = (torch.randn(7, 2 * inter, generator=gen) * 4).to(dtype)
+    want = reference.silu_and_mul(x)
+    out = triton_ops.silu_and_mul(x.to(DEVICE))
+    assert out.shape == (7, inter) and out.dtype == dtype
+    # silu rounds to the dtype as torch's does; its exp may differ from torch's in the last
+    # float32 bit, which can move that rounding by one ulp, and the product by one more.
+    ulp = {torch.float32: 2**-22, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(out.cpu(), want, rtol=2 * ulp, atol=1e-6)
+    if dtype != torch.float32:  # nearly all elements bit for bit
+        assert (out.cpu() != want).float().mean() < 0.02
+
+
+def test_silu_and_mul_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="2 \\* inter"):
+        triton_ops.silu_and_mul(torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        triton_ops.silu_and_mul(torch.zeros(8, 3).t())
+    assert triton_ops.silu_and_mul(torch.zeros(0, 8)).shape == (0, 4)

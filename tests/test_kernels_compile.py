@@ -36,6 +36,10 @@ EXPECTED = {
     "fused_add_rms_norm fp32": {"_rms_norm_kernel"},
     "rotary bf16 head 128": {"_rotary_kernel"},
     "rotary fp16 head 64, partial": {"_rotary_kernel"},
+    "rotary_and_cache bf16 head 128": {"_rotary_kernel"},
+    "rotary_and_cache fp32 head 64 block 32, partial": {"_rotary_kernel"},
+    "silu_and_mul bf16 8B": {"_silu_and_mul_kernel"},
+    "silu_and_mul fp16 ragged": {"_silu_and_mul_kernel"},
 }
 
 

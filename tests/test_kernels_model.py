@@ -214,3 +214,82 @@ def test_host_block_tables_reject_overflow():
     two = [SimpleNamespace(request=SimpleNamespace(request_id=r), block_table=[1]) for r in "bc"]
     with pytest.raises(ValueError, match="rows"):
         ht.rows(two)
+
+
+ALLOCATION_OPS = {
+    "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::promote_types",
+    "aten::detach", "aten::lift_fresh",
+}  # fmt: skip
+
+
+def _count_launches(fn) -> dict[str, int]:
+    """The device work `fn` issues, by name: each Triton kernel launch, and each aten op that
+    computes (views and allocations launch nothing on a GPU, so they are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts: dict[str, int] = {}
+    inside = [False]  # the interpreter's own tensor traffic is not the model's
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            free = func._schema.name in ALLOCATION_OPS or any(r.alias_info is not None and not r.alias_info.is_write
+                     for r in func._schema.returns)  # fmt: skip
+            if not inside[0] and not free:
+                counts[func._schema.name] = counts.get(func._schema.name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def launch(self, *a, **kw):
+        counts[self.fn.__name__] = counts.get(self.fn.__name__, 0) + 1
+        inside[0] = True
+        try:
+            return run(self, *a, **kw)
+        finally:
+            inside[0] = False
+
+    InterpretedFunction.run = launch
+    try:
+        with Count():
+            fn()
+    finally:
+        InterpretedFunction.run = run
+    return counts
+
+
+def test_decode_step_launches_per_layer():
+    """A decode step of the CUDA forward issues, per layer: two norms, four matmuls, one
+    rotary-and-cache, attention (and its split combine) and one silu-and-mul; plus the
+    embedding and the final norm. At batch 1 on a GPU each launch costs a few microseconds
+    of latency inside the graph, a large share of a small model's step."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("counts the interpreter's launches")
+    from kernels import triton_ops
+
+    cfg = _tiny_cfg()
+    model = dummy_model(cfg, torch.float32, seed=3)
+    kv = torch.zeros(cfg.num_layers, 2, 8, BLOCK, cfg.num_kv_heads, cfg.head_size)
+    i32 = dict(dtype=torch.int32)
+    batch = BatchTensors(
+        input_ids=torch.tensor([3, 5]),
+        positions=torch.tensor([20, 7]),
+        slot_mapping=torch.tensor([20, 16 + 7]),
+        block_tables=torch.tensor([[0, 1], [1, 2]], **i32),
+        seq_lens=torch.tensor([21, 8], **i32),
+        query_start_loc=torch.tensor([0, 1, 2], **i32),
+        num_splits=2,
+    )
+    cs = rope_cos_sin_cache(cfg, 256)
+    counts = _count_launches(lambda: forward(model, triton_ops, batch, kv, cs))
+    layers = cfg.num_layers
+    assert counts == {
+        "aten::embedding": 1,
+        "aten::mm": 4 * layers,
+        "_rms_norm_kernel": 2 * layers + 1,
+        "_rotary_kernel": layers,
+        "_paged_attention_kernel": layers,
+        "_combine_splits_kernel": layers,
+        "_silu_and_mul_kernel": layers,
+    }, counts
