@@ -11,6 +11,7 @@ Figures:
   (a) one decode step (forward + logits) at batch 1, 8, 64, 256 with every sequence at
       ``--context`` tokens, replayed from CUDA graphs and run eagerly; batch-1 time against the
       floor = weight bytes / measured device-to-device copy bandwidth (read + write bytes);
+      and one request's decode steps through the whole engine (host work included);
   (b) the paged-attention kernel alone on decode batches: KV bytes read / time, as a share of
       that copy bandwidth;
   (c) offline throughput of 256 concurrent requests (greedy, EOS ignored) on the offline
@@ -181,6 +182,26 @@ def decode_step_fns(runner, batch_size: int, context: int):
     batch = BatchTensors(ids, pos, slots, tables, lens, torch.arange(b + 1, **i32), splits)
     eager = partial(_eager_step, runner, batch)
     return eager, partial(_graph_step, runner, ids, pos, slots, lens, tables)
+
+
+def engine_decode_time(engine: LLMEngine, context: int, steps: int = 64) -> float:
+    """Seconds per decode step of one request through the whole engine: scheduler, input
+    building and copies, graph replay, logits, sampler. What a lone client waits per token;
+    its excess over the graph replay alone is the step's host time (the GPU idles through it
+    at batch 1, since each step waits for its sampled token)."""
+    prompt = [1 + i % 1000 for i in range(context - 1)]
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    engine.add_request("latency", prompt, params)
+    engine.step()  # the prefill, which also samples the first token
+    _sync()
+    start = time.perf_counter()
+    done = 0
+    while engine.has_unfinished_requests():
+        done += sum(len(o.new_token_ids) for o in engine.step())
+    _sync()
+    if done != steps:
+        raise RuntimeError(f"expected {steps} decode tokens, got {done}")
+    return (time.perf_counter() - start) / steps
 
 
 def profile_decode_step(engine: LLMEngine, context: int, steps: int = 10) -> None:
@@ -451,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         "| model | batch | CUDA graphs | eager | graphs speed-up | batch-1 floor | graphs / floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    throughput_rows = []
+    throughput_rows, engine_rows = [], []
     workloads = throughput_workloads(n_req, args.quick)
     for shape in shapes:
         print(f"{shape}: building engine")
@@ -465,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
             fl = f"{floor * 1e3:.2f} ms" if b == 1 else ""
             ratio = f"{tg / floor:.2f}×" if (b == 1 and tg) else ""
             lines.append(f"| {shape} | {b} | {_ms(tg)} | {_ms(te)} | {speed} | {fl} | {ratio} |")
+        t_engine = engine_decode_time(engine, args.context)
+        print(f"  whole engine, batch 1: {_ms(t_engine)} per token")
+        engine_rows.append((shape, t_engine, times.get(1, (None, None))[0]))
         ours = [pagedserve_throughput(engine, wl) for wl in workloads]
         print("  pagedserve: " + ", ".join(f"{r:.0f}" for r in ours) + " output tok/s")
         del engine
@@ -480,6 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         for wl, o, h in zip(workloads, ours, hf):
             throughput_rows.append((shape, wl, o, h))
 
+    lines += ["", "One request through the whole engine (`LLMEngine.step`: scheduler, inputs, graph "
+              "replay, logits, sampler), per output token:", ""]  # fmt: skip
+    for shape, t_engine, t_graph in engine_rows:
+        host = (
+            f" ({(t_engine - t_graph) * 1e3:.2f} ms more than the graph step above)"
+            if t_graph
+            else ""
+        )
+        lines.append(f"- {shape}: {_ms(t_engine)}{host}")
     print("attention kernel")
     # KV of every case is over 2x the L2 (50-60 MB on an H100/H200): repeats do not run from it.
     cases = [(1, 32768), (8, 8192)] if args.quick else [

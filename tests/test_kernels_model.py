@@ -293,3 +293,19 @@ def test_decode_step_launches_per_layer():
         "_combine_splits_kernel": layers,
         "_silu_and_mul_kernel": layers,
     }, counts
+
+
+def test_gpu_bench_engine_decode_time_runs_on_the_cpu_engine():
+    """The benchmark's whole-engine batch-1 measure drives a real engine (here the CPU one
+    with a tiny dummy model) and counts exactly the decode steps it asked for."""
+    from benchmarks.gpu_bench import engine_decode_time, make_engine
+
+    hf = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 1024, "hidden_size": 64,
+        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256,
+    }  # fmt: skip
+    engine = make_engine(hf, max_num_seqs=4, enforce_eager=True, util=0.5, device="cpu")
+    t = engine_decode_time(engine, context=40, steps=12)
+    assert 0 < t < 5
+    assert not engine.has_unfinished_requests()
