@@ -9,6 +9,8 @@ context lengths, each step adding one token per sequence (a new block every 16 t
     python -m benchmarks.runner_host                    # this checkout
     python -m benchmarks.runner_host --against 128c6d6  # and an older engine_svc/cuda_runner.py,
                                                         # side by side in one run
+    python -m benchmarks.runner_host --engine-step      # a whole engine step's host time by
+                                                        # part, the model forward left out
 """
 
 from __future__ import annotations
@@ -90,14 +92,99 @@ def _advance(seqs: list[SimpleNamespace]) -> None:
             s.block_table.append(len(s.block_table))
 
 
+def engine_step_host(context: int, steps: int) -> dict[str, float]:
+    """Median host milliseconds of one whole engine step (256 decodes at ``context`` tokens)
+    on the CUDA runner's code path, by part, with the model forward left out: the forward
+    returns a zero hidden state at once, so what is timed is what the host does around a GPU
+    step (scheduling, inputs, logits selection, sampling, bookkeeping). The model is tiny
+    (vocabulary 64), so the logits and argmax cost nothing here either."""
+    from engine_svc.config import EngineConfig
+    from engine_svc.engine import LLMEngine
+    from engine_svc.sampling_params import SamplingParams
+
+    # Early requests decode while later ones prefill (chunked): enough tokens that none ends.
+    max_tokens = -(-NUM_SEQS * context // 8192) + 2 * steps + 16
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+          "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": context + max_tokens + 16}  # fmt: skip
+    cfg = ModelConfig.from_dict(hf, name="dummy")
+    num_blocks = NUM_SEQS * (-(-(context + max_tokens + 16) // BLOCK))
+    engine = LLMEngine(
+        EngineConfig(load_format="dummy", dtype="float32", device="cpu", max_num_seqs=NUM_SEQS,
+                     max_num_batched_tokens=max(8192, context), num_kv_blocks=num_blocks,
+                     block_size=BLOCK, enable_prefix_caching=False, progress=False),
+        model_config=cfg,
+    )  # fmt: skip
+    runner = cuda_runner.CudaModelRunner(
+        engine.runner.model, cfg, torch.float32, BLOCK, NUM_SEQS, 8192, enforce_eager=True,
+        device="cpu",
+    )  # fmt: skip
+    runner.init_kv_cache(1, engine.max_model_len)  # tables only; the forward is skipped
+    runner._forward = lambda batch: torch.zeros(batch.input_ids.shape[0], cfg.hidden_size)
+    engine.runner = runner
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(NUM_SEQS):
+        engine.add_request(f"r{i}", [1 + (i + j) % 60 for j in range(context)], params)
+    while (engine.last_step.num_seqs, engine.last_step.num_tokens) != (NUM_SEQS, NUM_SEQS):
+        # the prefills (chunked), untimed: until a step is 256 decodes
+        if not engine.has_unfinished_requests():
+            raise RuntimeError("requests ended before every one was decoding")
+        engine.step()
+
+    timed = {
+        "schedule": (engine.scheduler, "schedule"),
+        "runner": (runner, "execute"),
+        "of which inputs": (runner, "build_batch"),
+        "sample": (engine, "_sample"),
+        "update": (engine.scheduler, "update"),
+    }
+    parts: dict[str, list[float]] = {k: [] for k in [*timed, "whole step"]}
+    clock = {k: 0.0 for k in timed}
+
+    def wrap(name, obj, attr):
+        fn = getattr(obj, attr)
+
+        def timed_fn(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                clock[name] += time.perf_counter() - t
+
+        setattr(obj, attr, timed_fn)
+
+    for name, (obj, attr) in timed.items():
+        wrap(name, obj, attr)
+    for _ in range(steps):
+        for k in clock:
+            clock[k] = 0.0
+        t = time.perf_counter()
+        outs = engine.step()
+        parts["whole step"].append(time.perf_counter() - t)
+        if len(outs) != NUM_SEQS:
+            raise RuntimeError(f"a decode step returned {len(outs)} outputs, not {NUM_SEQS}")
+        for k, v in clock.items():
+            parts[k].append(v)
+    return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in parts.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--against", metavar="REV", help="also time cuda_runner.py at this git rev")
     p.add_argument("--contexts", default="512,1024,4096", help="context lengths, comma-separated")
     p.add_argument("--steps", type=int, default=64, help="timed steps per context")
+    p.add_argument("--engine-step", action="store_true",
+                   help="time whole engine steps by part instead (model forward left out)")  # fmt: skip
     args = p.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
     torch.set_num_threads(1)
+    if args.engine_step:
+        print(f"{NUM_SEQS} decodes per step, host time of a whole engine step without the "
+              "model forward (ms, median by part)")  # fmt: skip
+        for context in contexts:
+            parts = engine_step_host(context, args.steps)
+            print(f"  context {context}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+        return 0
     cfg = ModelConfig.from_dict({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64,
         "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
