@@ -241,6 +241,9 @@ class CudaModelRunner:
 
         def put(values, dtype):
             pinned = dev.type == "cuda"  # pinned host memory makes the copy asynchronous
+            if isinstance(values, np.ndarray):
+                t = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+                return (t.pin_memory() if pinned else t).to(dev, non_blocking=True)
             return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(dev, non_blocking=True)
 
         def put_array(a: np.ndarray) -> torch.Tensor:  # a fresh array, never the host store
@@ -278,6 +281,9 @@ class CudaModelRunner:
 
     def build_batch(self, seqs: Sequence[ScheduledSeq]) -> tuple[BatchTensors, bool]:
         """This step's inputs on the device, and whether it is decode-only (graph-eligible)."""
+        rows = self.host_tables.rows(seqs)
+        if all(s.num_new_tokens == 1 for s in seqs):
+            return self._decode_batch(seqs, rows), True
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -295,10 +301,21 @@ class CudaModelRunner:
             width = max(width, _cdiv(end, bs))
             starts.append(starts[-1] + s.num_new_tokens)
         # Columns past a sequence's own blocks hold other data; the kernels never read them.
-        tables = self.host_tables.array[self.host_tables.rows(seqs), :width]
-        decode_only = len(ids) == len(seqs)
-        splits = decode_num_splits(len(seqs), self.cfg.num_kv_heads, self.num_sms)
-        batch = self._to_device(
-            ids, positions, slots, tables, seq_lens, starts, splits if decode_only else 1
-        )
-        return batch, decode_only
+        tables = self.host_tables.array[rows, :width]
+        batch = self._to_device(ids, positions, slots, tables, seq_lens, starts, num_splits=1)
+        return batch, False
+
+    def _decode_batch(self, seqs: Sequence[ScheduledSeq], rows: np.ndarray) -> BatchTensors:
+        """build_batch for a decode-only step (one new token per sequence), in NumPy: the
+        slots come from the host block tables, not from each request's list."""
+        n, bs = len(seqs), self.block_size
+        pos = np.fromiter((s.request.num_computed_tokens for s in seqs), np.int64, n)
+        ids = [s.request.all_token_ids[p] for s, p in zip(seqs, pos.tolist())]
+        seq_lens = pos + 1
+        width = _cdiv(int(seq_lens.max()), bs) if n else 1
+        slots = self.host_tables.array[rows, pos // bs].astype(np.int64) * bs + pos % bs
+        splits = decode_num_splits(n, self.cfg.num_kv_heads, self.num_sms)
+        return self._to_device(
+            ids, pos, slots, self.host_tables.array[rows, :width], seq_lens,
+            np.arange(n + 1), num_splits=splits,
+        )  # fmt: skip

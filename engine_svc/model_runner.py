@@ -99,8 +99,11 @@ def select_logits(
             rows.append(end - 1)
         offset = end
     if rows:
-        idx = torch.tensor(rows, device=hidden.device)
-        out.sample_logits = model.compute_logits(hidden[idx]).float()
+        # rows only grow, so as many rows as hidden has means all of them: no gather
+        last = hidden
+        if len(rows) < hidden.shape[0]:
+            last = hidden[torch.tensor(rows, device=hidden.device)]
+        out.sample_logits = model.compute_logits(last).float()
     for rid, a, b in prompt_rows:
         out.prompt_logits[rid] = model.compute_logits(hidden[a:b]).float()
     return out
