@@ -11,7 +11,8 @@ Figures:
   (a) one decode step (forward + logits) at batch 1, 8, 64, 256 with every sequence at
       ``--context`` tokens, replayed from CUDA graphs and run eagerly; batch-1 time against the
       floor = weight bytes / measured device-to-device copy bandwidth (read + write bytes);
-      and one request's decode steps through the whole engine (host work included);
+      one request's decode steps through the whole engine (host work included); and a
+      prefill step of 64 x 128 tokens against one large bf16 matmul's FLOP rate;
   (b) the paged-attention kernel alone on decode batches: KV bytes read / time, as a share of
       that copy bandwidth;
   (c) offline throughput of 256 concurrent requests (greedy, EOS ignored) on the offline
@@ -182,6 +183,35 @@ def decode_step_fns(runner, batch_size: int, context: int):
     batch = BatchTensors(ids, pos, slots, tables, lens, torch.arange(b + 1, **i32), splits)
     eager = partial(_eager_step, runner, batch)
     return eager, partial(_graph_step, runner, ids, pos, slots, lens, tables)
+
+
+def prefill_step_fn(runner, num_seqs: int, prompt_len: int):
+    """One prefill step of `num_seqs` fresh prompts of `prompt_len` tokens each (the fixed
+    workload's prefill, 8,192 tokens a step at 64 x 128): forward, then the logits of each
+    prompt's last row, as the engine computes them."""
+    batch = runner._prefill_batch([prompt_len] * num_seqs, -(-prompt_len // runner.block_size))
+    last = batch.query_start_loc[1:].long() - 1
+    return lambda: runner.model.compute_logits(runner._forward(batch)[last])
+
+
+def prefill_flops(model: torch.nn.Module, num_seqs: int, prompt_len: int) -> float:
+    """Floating-point operations of that step: every token through every layer's matmuls,
+    causal attention (scores and values, half the square), logits for the last rows only."""
+    cfg = model.cfg
+    tokens = num_seqs * prompt_len
+    layer_params = sum(m.weight.numel() for layer in model.layers for m in layer.modules()
+                       if isinstance(m, torch.nn.Linear))  # fmt: skip
+    attention = 2 * 2 * cfg.num_heads * cfg.head_size * prompt_len * (prompt_len + 1) / 2
+    return (2 * tokens * layer_params + num_seqs * cfg.num_layers * attention
+            + 2 * num_seqs * model.lm_head.weight.numel())  # fmt: skip
+
+
+def matmul_rate() -> float:
+    """FLOP/s of one large bf16 matmul (8192 x 4096 by 4096 x 14336, an 8B MLP's shape at a
+    full prefill chunk): the yardstick for prefill."""
+    a = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / cuda_time(lambda: a @ b, iters=20)
 
 
 def engine_decode_time(engine: LLMEngine, context: int, steps: int = 64) -> float:
@@ -457,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name(0)
-    print(f"{gpu}: device copy bandwidth {bw / 1e9:.0f} GB/s")
+    mm = matmul_rate()
+    print(f"{gpu}: device copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     lines = [
         "## GPU: decode step, attention kernel, throughput vs transformers",
         "",
@@ -472,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         "| model | batch | CUDA graphs | eager | graphs speed-up | batch-1 floor | graphs / floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    throughput_rows, engine_rows = [], []
+    throughput_rows, engine_rows, prefill_rows = [], [], []
     workloads = throughput_workloads(n_req, args.quick)
     for shape in shapes:
         print(f"{shape}: building engine")
@@ -489,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         t_engine = engine_decode_time(engine, args.context)
         print(f"  whole engine, batch 1: {_ms(t_engine)} per token")
         engine_rows.append((shape, t_engine, times.get(1, (None, None))[0]))
+        with torch.inference_mode():
+            t_prefill = cuda_time(prefill_step_fn(engine.runner, 64, 128), iters)
+        rate = prefill_flops(engine.runner.model, 64, 128) / t_prefill
+        print(f"  prefill step 64 x 128: {_ms(t_prefill)}, {rate / 1e12:.0f} TFLOP/s")
+        prefill_rows.append((shape, t_prefill, rate))
         ours = [pagedserve_throughput(engine, wl) for wl in workloads]
         print("  pagedserve: " + ", ".join(f"{r:.0f}" for r in ours) + " output tok/s")
         del engine
@@ -513,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         lines.append(f"- {shape}: {_ms(t_engine)}{host}")
+    lines += ["", "A prefill step of 64 prompts × 128 tokens (the fixed workload's prefill), "
+              f"against one large bf16 matmul's {mm / 1e12:.0f} TFLOP/s:", ""]  # fmt: skip
+    for shape, t_prefill, rate in prefill_rows:
+        lines.append(f"- {shape}: {_ms(t_prefill)}, {rate / 1e12:.0f} TFLOP/s "
+                     f"(matmuls and causal attention), {rate / mm:.0%} of that rate")  # fmt: skip
     print("attention kernel")
     # KV of every case is over 2x the L2 (50-60 MB on an H100/H200): repeats do not run from it.
     cases = [(1, 32768), (8, 8192)] if args.quick else [

@@ -309,3 +309,38 @@ def test_gpu_bench_engine_decode_time_runs_on_the_cpu_engine():
     t = engine_decode_time(engine, context=40, steps=12)
     assert 0 < t < 5
     assert not engine.has_unfinished_requests()
+
+
+def test_gpu_bench_prefill_step_and_flops():
+    """The benchmark's prefill step runs the CUDA runner's forward (interpreted here) on fresh
+    prompts and returns one logits row per prompt, equal to the CPU model's; its FLOP count
+    is the hand count for the tiny shape."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors need the interpreter")
+    from benchmarks.gpu_bench import prefill_flops, prefill_step_fn
+    from engine_svc.cuda_runner import CudaModelRunner
+
+    cfg = _tiny_cfg()
+    model = dummy_model(cfg, torch.float32, seed=3)
+    runner = CudaModelRunner(model, cfg, torch.float32, BLOCK, 4, 64, enforce_eager=True,
+                             device="cpu")  # fmt: skip
+    runner.init_kv_cache(8, 64)
+    with torch.inference_mode():
+        logits = prefill_step_fn(runner, 3, 20)()
+        # the same three prompts (token 0 throughout) through the CPU model, one at a time
+        cs = rope_cos_sin_cache(cfg, 256)
+        half = cs.shape[1] // 2
+        cos = torch.cat((cs[:20, :half],) * 2, dim=-1)[:, None]
+        sin = torch.cat((cs[:20, half:],) * 2, dim=-1)[:, None]
+        kv = torch.zeros(2, 2, 2, 2, BLOCK, 16)
+        meta = build_metadata([20], [20], [[0, 1]], BLOCK)
+        want = model.compute_logits(model(torch.zeros(20, dtype=torch.long), cos, sin, kv, meta))
+    assert logits.shape == (3, cfg.vocab_size)
+    for row in logits:
+        torch.testing.assert_close(row, want[-1], rtol=1e-4, atol=1e-4)
+    h, i, q, kvd = 64, 96, 4 * 16, 2 * 16  # hidden, intermediate, q and kv widths
+    per_layer = h * (q + 2 * kvd) + q * h + h * 2 * i + i * h
+    attention = 2 * 2 * 4 * 16 * 20 * 21 / 2
+    want_flops = 2 * 60 * per_layer * 2 + 3 * 2 * attention + 2 * 3 * 64 * 64
+    assert prefill_flops(model, 3, 20) == want_flops
