@@ -196,9 +196,19 @@ class WorkerPool:
         self._check_health()
 
     async def _watchdog(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
+            # A late wake-up means this process did not run (stopped, swapped out, starved):
+            # it heard nobody meanwhile, through no fault of theirs, so that time does not
+            # count against the workers; their queued messages are read before they are judged.
+            stalled = now - last - HEARTBEAT_S
+            last = now
+            if stalled > HEARTBEAT_S:
+                log.warning("the gateway stalled for %.1f s; not counted against workers", stalled)
+                for w in self.workers.values():
+                    w.last_seen = min(now, w.last_seen + stalled)
             for ident, w in list(self.workers.items()):
                 if now - w.last_seen > DEAD_AFTER_S:
                     log.warning("tokenizer worker %s went silent", w.status.worker_id)

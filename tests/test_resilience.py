@@ -160,3 +160,86 @@ def test_killed_gateway_is_restarted_and_its_old_requests_stop(stack):
             )
         )
     assert out[0]["final"].usage.completion_tokens == 4
+
+
+def _streams_until_done(calls) -> list[tuple[grpc.StatusCode, str]]:
+    out = []
+    for c in calls:
+        try:
+            for _ in c:
+                pass
+            out.append((grpc.StatusCode.OK, ""))
+        except grpc.RpcError as e:
+            out.append((e.code(), e.details()))
+    return out
+
+
+def test_gateway_stalled_briefly_keeps_its_streams(stack):
+    """A gateway that does not run for longer than workers may stay silent (3 s; SIGSTOP
+    here, a swapped-out or starved host in life) but shorter than the ZMTP ping timeout
+    (5 s) must not write its workers off: the time it did not run is not theirs."""
+    with grpc.insecure_channel(stack.target) as ch:
+        client = stub(ch)
+        calls = [
+            client.Generate(
+                pb.GenerateRequest(text="Write forever:", max_tokens=40, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=120,
+            )
+            for _ in range(2)
+        ]
+        for c in calls:
+            next(c)  # generating
+        gateway = _pid(stack, "gateway")
+        os.kill(gateway, signal.SIGSTOP)
+        time.sleep(4.0)
+        os.kill(gateway, signal.SIGCONT)
+        assert _streams_until_done(calls) == [(grpc.StatusCode.OK, "")] * 2
+    assert "the gateway stalled for" in stack.log()
+
+
+def test_gateway_stalled_past_the_ping_timeout_fails_its_streams_and_serves_on(stack):
+    """A gateway that does not run past the workers' ZMTP ping timeout counts as gone: the
+    workers abort its requests in the engine and queue UNAVAILABLE errors, which the same
+    gateway receives when it runs again, so its clients' streams end instead of hanging. It
+    is not restarted, and serves again."""
+    went_away = stack.log().count("the gateway went away; aborting")
+    restarts = stack.log().count("gateway exited")
+    with grpc.insecure_channel(stack.target) as ch:
+        client = stub(ch)
+        calls = [
+            client.Generate(
+                pb.GenerateRequest(text="Write forever:", max_tokens=3000, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=120,
+            )
+            for _ in range(3)
+        ]
+        for c in calls:
+            next(c)  # generating
+        stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 3)
+        gateway = _pid(stack, "gateway")
+        os.kill(gateway, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + 20
+            while stack.log().count("the gateway went away; aborting") == went_away:
+                assert time.monotonic() < end, "the workers never wrote the gateway off"
+                time.sleep(0.2)
+        finally:
+            os.kill(gateway, signal.SIGCONT)
+        results = _streams_until_done(calls)
+        # /metrics is the gateway's: it answers again, and the engine has stopped them all
+        stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 0, timeout=15)
+    assert [code for code, _ in results] == [grpc.StatusCode.UNAVAILABLE] * 3, results
+    assert all("lost its connection to the gateway" in msg for _, msg in results), results
+    assert _pid(stack, "gateway") == gateway  # the same process
+    assert stack.log().count("gateway exited") == restarts
+    with grpc.insecure_channel(stack.target) as ch:
+        out = collect(
+            stub(ch).Generate(
+                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=60,
+            )
+        )
+    assert out[0]["final"].usage.completion_tokens == 4

@@ -73,11 +73,10 @@ class Worker:
     # -- sockets ---------------------------------------------------------------------------
     def run(self) -> None:
         ctx = zmq.Context()
-        self.gw = self._dealer(ctx, self.gateway_address)
         # ZMTP pings (answered by the gateway's ZeroMQ I/O thread, not its event loop): a
-        # gateway host that vanishes without closing the TCP connection counts as gone too.
-        self.gw.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.gw.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        # gateway that stops running, or whose host vanishes without closing the connection,
+        # counts as gone too.
+        self.gw = self._dealer(ctx, self.gateway_address, ping_ms=1000, ping_timeout_ms=5000)
         self.eng = self._dealer(ctx, self.engine_address)
         # The gateway's connection dropping means the gateway is gone (crashed, or restarted
         # by the supervisor): nobody will read its requests' streams any more.
@@ -117,12 +116,17 @@ class Worker:
     def _addrs(self) -> tuple[str, str]:
         return self.gateway_address, self.engine_address
 
-    def _dealer(self, ctx: zmq.Context, address: str) -> zmq.Socket:
+    def _dealer(
+        self, ctx: zmq.Context, address: str, ping_ms: int = 0, ping_timeout_ms: int = 0
+    ) -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.IDENTITY, self.ident)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 100_000)
         s.setsockopt(zmq.RCVHWM, 100_000)
+        if ping_ms:  # options apply to connections made after they are set
+            s.setsockopt(zmq.HEARTBEAT_IVL, ping_ms)
+            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, ping_timeout_ms)
         s.connect(address)
         return s
 
