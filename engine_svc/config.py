@@ -21,7 +21,7 @@ DTYPE_ALIASES = {
 @dataclass(slots=True)
 class EngineConfig:
     model: str | None = None  # HF-format directory or .gguf file; None = the default model
-    dtype: str = "auto"  # auto: bfloat16 where the CPU has native bf16 matmul, else float32
+    dtype: str = "auto"  # auto: GPU bf16 (fp16 if unsupported); CPU bf16 if native, else fp32
     load_format: str = "auto"  # "auto" (weights from `model`) or "dummy" (random weights)
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes of KV cache (CPU); None = DEFAULT_KV_CACHE_MEMORY

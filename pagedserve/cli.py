@@ -21,8 +21,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight and activation dtype; auto = bfloat16 where the CPU has native bf16 "
-        "matmul (AMX/AVX512-BF16), else float32",
+        help="weight and activation dtype; auto = on a GPU bfloat16 where it is supported, "
+        "else float16; on the CPU bfloat16 where it has native bf16 matmul "
+        "(AMX/AVX512-BF16), else float32",
     )
     g.add_argument(
         "--load-format",
