@@ -310,6 +310,12 @@ class CudaModelRunner:
         slots come from the host block tables, not from each request's list."""
         n, bs = len(seqs), self.block_size
         pos = np.fromiter((s.request.num_computed_tokens for s in seqs), np.int64, n)
+        # Past a request's own blocks a row holds stale ids: a table too short for the new
+        # token must fail here (as indexing the request's list would), not write elsewhere.
+        have = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+        if (pos // bs >= have).any():
+            i = int(np.argmax(pos // bs >= have))
+            raise ValueError(f"{seqs[i].request.request_id}: no KV block for position {pos[i]}")
         ids = [s.request.all_token_ids[p] for s, p in zip(seqs, pos.tolist())]
         seq_lens = pos + 1
         width = _cdiv(int(seq_lens.max()), bs) if n else 1

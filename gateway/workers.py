@@ -67,6 +67,10 @@ class WorkerPool:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        # A worker that reconnects (its pings timed out while this process did not run) comes
+        # back under its identity before the old connection is torn down here: take the new
+        # one, or every message of that worker would be dropped from then on.
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._sock.bind(self.address)
         self._tasks = [
             asyncio.create_task(self._reader(), name="workers-reader"),
@@ -188,6 +192,10 @@ class WorkerPool:
 
     def _on_status(self, ident: bytes, st: ipc_pb2.WorkerStatus) -> None:
         w = self.workers.get(ident)
+        if w is None and any(o.status.worker_id == st.worker_id for o in self.workers.values()):
+            # Read from a connection this worker has since replaced (ROUTER_HANDOVER renames
+            # the old one): worker ids are unique per process, so this is stale, not a worker.
+            return
         if w is None:
             log.info("tokenizer worker %s connected", st.worker_id)
             self.workers[ident] = WorkerState(ident, st, time.monotonic())
@@ -196,19 +204,20 @@ class WorkerPool:
         self._check_health()
 
     async def _watchdog(self) -> None:
-        last = time.monotonic()
+        last, deferred = time.monotonic(), False
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
-            # A late wake-up means this process did not run (stopped, swapped out, starved):
-            # it heard nobody meanwhile, through no fault of theirs, so that time does not
-            # count against the workers; their queued messages are read before they are judged.
-            stalled = now - last - HEARTBEAT_S
-            last = now
-            if stalled > HEARTBEAT_S:
-                log.warning("the gateway stalled for %.1f s; not counted against workers", stalled)
-                for w in self.workers.values():
-                    w.last_seen = min(now, w.last_seen + stalled)
+            # A late wake-up means this process did not run (stopped, swapped out, starved)
+            # and heard nobody meanwhile, through no fault of theirs: the workers are judged
+            # at the next tick, once the reader has read what they queued. Never twice in a
+            # row, so a gateway that lags all the time still writes a dead worker off.
+            gap, last = now - last, now
+            if gap > 2 * HEARTBEAT_S and not deferred:
+                deferred = True
+                log.warning("the gateway stalled for %.1f s; judging workers at the next tick", gap)
+                continue
+            deferred = False
             for ident, w in list(self.workers.items()):
                 if now - w.last_seen > DEAD_AFTER_S:
                     log.warning("tokenizer worker %s went silent", w.status.worker_id)

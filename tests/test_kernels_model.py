@@ -216,6 +216,35 @@ def test_host_block_tables_reject_overflow():
         ht.rows(two)
 
 
+def test_decode_batch_rejects_a_table_too_short_for_the_new_token():
+    """A decode's slot comes from its host-table row, whose columns past the request's own
+    blocks hold a previous owner's ids: a table that does not cover the new token must raise
+    (the block manager guarantees it does), not write KV into someone else's block."""
+    from types import SimpleNamespace
+
+    from engine_svc.cuda_runner import CudaModelRunner
+
+    cfg = _tiny_cfg()
+    runner = CudaModelRunner(dummy_model(cfg, torch.float32), cfg, torch.float32, BLOCK, 1, 64,
+                             enforce_eager=True, device="cpu")  # fmt: skip
+    runner.init_kv_cache(8, 64)  # 2 rows (twice max_num_seqs)
+
+    def seq(rid, computed, table):
+        req = SimpleNamespace(request_id=rid, num_computed_tokens=computed,
+                              all_token_ids=[1] * (computed + 1))  # fmt: skip
+        return SimpleNamespace(request=req, num_new_tokens=1, block_table=table)
+
+    runner.build_batch([seq("x", 0, [0])])
+    runner.build_batch([seq("old", 40, [5, 6, 7])])  # fills a row with blocks 5, 6, 7
+    runner.build_batch([seq("y", 0, [1])])  # rows ran out: the last one freed, "old"'s
+    row = runner.host_tables.rows([seq("y", 0, [1])])[0]
+    assert runner.host_tables.array[row, :3].tolist() == [1, 6, 7]  # stale 6, 7 after y's 1
+    batch, decode_only = runner.build_batch([seq("y", 3, [1])])
+    assert decode_only and batch.slot_mapping.tolist() == [1 * BLOCK + 3]
+    with pytest.raises(ValueError, match="no KV block for position 20"):
+        runner.build_batch([seq("y", 20, [1])])  # position 20 is in the row's stale column 1
+
+
 ALLOCATION_OPS = {
     "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::promote_types",
     "aten::detach", "aten::lift_fresh",
