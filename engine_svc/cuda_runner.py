@@ -64,12 +64,16 @@ class HostBlockTables:
         self._rows: dict[str, tuple[int, list[int], int]] = {}
         self._free = list(range(num_rows - 1, -1, -1))
 
-    def rows(self, seqs: Sequence[ScheduledSeq]) -> np.ndarray:
-        """Row index of each sequence's table, after bringing the rows up to date."""
+    def rows(self, seqs: Sequence[ScheduledSeq], lengths: list[int] | None = None) -> np.ndarray:
+        """Row index of each sequence's table, after bringing the rows up to date; each
+        table's length (its own blocks; the row holds stale ids after them) is appended to
+        ``lengths`` when given."""
         out = np.empty(len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             rid, blocks = s.request.request_id, s.block_table
             n = len(blocks)
+            if lengths is not None:
+                lengths.append(n)
             if n > self.array.shape[1]:
                 raise ValueError(f"{rid}: {n} blocks, table width {self.array.shape[1]}")
             row, mirrored, done = self._rows.get(rid) or (-1, None, 0)
@@ -281,9 +285,10 @@ class CudaModelRunner:
 
     def build_batch(self, seqs: Sequence[ScheduledSeq]) -> tuple[BatchTensors, bool]:
         """This step's inputs on the device, and whether it is decode-only (graph-eligible)."""
-        rows = self.host_tables.rows(seqs)
+        lengths: list[int] = []
+        rows = self.host_tables.rows(seqs, lengths)
         if all(s.num_new_tokens == 1 for s in seqs):
-            return self._decode_batch(seqs, rows), True
+            return self._decode_batch(seqs, rows, np.array(lengths, dtype=np.int64)), True
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -305,14 +310,16 @@ class CudaModelRunner:
         batch = self._to_device(ids, positions, slots, tables, seq_lens, starts, num_splits=1)
         return batch, False
 
-    def _decode_batch(self, seqs: Sequence[ScheduledSeq], rows: np.ndarray) -> BatchTensors:
+    def _decode_batch(
+        self, seqs: Sequence[ScheduledSeq], rows: np.ndarray, have: np.ndarray
+    ) -> BatchTensors:
         """build_batch for a decode-only step (one new token per sequence), in NumPy: the
         slots come from the host block tables, not from each request's list."""
         n, bs = len(seqs), self.block_size
         pos = np.fromiter((s.request.num_computed_tokens for s in seqs), np.int64, n)
-        # Past a request's own blocks a row holds stale ids: a table too short for the new
-        # token must fail here (as indexing the request's list would), not write elsewhere.
-        have = np.fromiter((len(s.block_table) for s in seqs), np.int64, n)
+        # Past a request's own blocks (``have``) a row holds stale ids: a table too short for
+        # the new token must fail here (as indexing the request's list would), not write
+        # into another request's block.
         if (pos // bs >= have).any():
             i = int(np.argmax(pos // bs >= have))
             raise ValueError(f"{seqs[i].request.request_id}: no KV block for position {pos[i]}")
