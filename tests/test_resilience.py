@@ -124,22 +124,40 @@ def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack
         assert "engine exited with code -9; restarting" in stack.log()
 
 
+def _serves_again(stack) -> None:
+    with grpc.insecure_channel(stack.target) as ch:
+        out = collect(
+            stub(ch).Generate(
+                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
+                metadata=stack.auth,
+                timeout=60,
+            )
+        )
+    assert out[0]["final"].usage.completion_tokens == 4
+
+
+def _endless_streams(stack, client, n: int) -> list:
+    """n streams of 3000 tokens (minutes here), each generating, all n running in the engine."""
+    calls = [
+        client.Generate(
+            pb.GenerateRequest(text="Write forever:", max_tokens=3000, ignore_eos=True),
+            metadata=stack.auth,
+            timeout=120,
+        )
+        for _ in range(n)
+    ]
+    for c in calls:
+        next(c)  # generating
+    stack.wait_metric("pagedserve_engine_num_running", lambda v: v == n)
+    return calls
+
+
 def test_killed_gateway_is_restarted_and_its_old_requests_stop(stack):
     """The gateway dies mid-stream: the supervisor restarts it, and the workers abort what the
     dead gateway had asked for instead of generating it to max_tokens for nobody."""
     with grpc.insecure_channel(stack.target) as ch:
         client = stub(ch)
-        calls = [
-            client.Generate(
-                pb.GenerateRequest(text="Write forever:", max_tokens=3000, ignore_eos=True),
-                metadata=stack.auth,
-                timeout=120,
-            )
-            for _ in range(3)
-        ]
-        for c in calls:
-            next(c)  # generating
-        stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 3)
+        calls = _endless_streams(stack, client, 3)
         os.kill(_pid(stack, "gateway"), signal.SIGKILL)
         for c in calls:
             with pytest.raises(grpc.RpcError) as err:
@@ -151,15 +169,7 @@ def test_killed_gateway_is_restarted_and_its_old_requests_stop(stack):
     stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 0, timeout=15)
     assert "gateway exited with code -9; restarting" in stack.log()
     assert "the gateway went away; aborting" in stack.log()
-    with grpc.insecure_channel(stack.target) as ch:
-        out = collect(
-            stub(ch).Generate(
-                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
-                metadata=stack.auth,
-                timeout=60,
-            )
-        )
-    assert out[0]["final"].usage.completion_tokens == 4
+    _serves_again(stack)
 
 
 def _streams_until_done(calls) -> list[tuple[grpc.StatusCode, str]]:
@@ -208,17 +218,7 @@ def test_gateway_stalled_past_the_ping_timeout_fails_its_streams_and_serves_on(s
     log_start = len(stack.log())
     with grpc.insecure_channel(stack.target) as ch:
         client = stub(ch)
-        calls = [
-            client.Generate(
-                pb.GenerateRequest(text="Write forever:", max_tokens=3000, ignore_eos=True),
-                metadata=stack.auth,
-                timeout=120,
-            )
-            for _ in range(3)
-        ]
-        for c in calls:
-            next(c)  # generating
-        stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 3)
+        calls = _endless_streams(stack, client, 3)
         gateway = _pid(stack, "gateway")
         os.kill(gateway, signal.SIGSTOP)
         # Each worker pings every 1 s and gives up 5 s after the last answer: by 9 s every
@@ -239,12 +239,4 @@ def test_gateway_stalled_past_the_ping_timeout_fails_its_streams_and_serves_on(s
     time.sleep(4.0)  # past the 3 s a silent worker is given
     assert stack.metrics()["pagedserve_tokenizer_workers_ready"] == 2
     assert "went silent" not in stack.log()[log_start:]
-    with grpc.insecure_channel(stack.target) as ch:
-        out = collect(
-            stub(ch).Generate(
-                pb.GenerateRequest(text="Back?", max_tokens=4, ignore_eos=True),
-                metadata=stack.auth,
-                timeout=60,
-            )
-        )
-    assert out[0]["final"].usage.completion_tokens == 4
+    _serves_again(stack)
