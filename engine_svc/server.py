@@ -88,8 +88,6 @@ class EngineIO(threading.Thread):
             prepare_bind(self.address)
             router = self.ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
-            # A worker reconnecting under its identity replaces its old connection.
-            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
             router.bind(self.address)
             pull = self.ctx.socket(zmq.PULL)
             pull.bind(self._out_addr)

@@ -17,10 +17,20 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, prepare_bind
+from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S, prepare_bind
 from protos.pagedserve.internal.v1 import ipc_pb2
 
 log = logging.getLogger("pagedserve.gateway")
+
+
+STALL_GRACE_S = 2.0  # after the gateway itself stalled: time a worker gets to be heard
+
+
+def _replaced_connection(ident: bytes) -> bool:
+    """Workers connect under their own ids ("tok-..."); ZeroMQ generates ids starting with a
+    zero byte, and with ROUTER_HANDOVER gives one to a connection its worker has replaced by
+    reconnecting (what was left unread on it arrives under that id)."""
+    return ident[:1] == b"\x00"
 
 
 @dataclass(slots=True)
@@ -45,6 +55,7 @@ class Stream:
     request_id: str
     worker: bytes
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextDelta | RequestError
+    opened: float = field(default_factory=time.monotonic)
 
 
 class WorkerPool:
@@ -59,6 +70,7 @@ class WorkerPool:
         self._tasks: list[asyncio.Task] = []
         self.on_health_change: Callable[[bool], None] = lambda ready: None
         self._was_ready = False
+        self._grace_at = float("-inf")  # when workers were last given STALL_GRACE_S
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -180,22 +192,23 @@ class WorkerPool:
                 fut.set_result(msg.tokenize)
 
     def _dispatch(self, ident: bytes, batch: ipc_pb2.WorkerBatch) -> None:
-        # Only the worker that holds a stream may feed it (an id can be reused at once).
+        # Only the worker that holds a stream may feed it (an id can be reused at once). What
+        # was left unread on a connection its worker has since replaced comes under a
+        # generated id: it is that worker's, and may hold a stream's last delta.
+        replaced = _replaced_connection(ident)
         for err in batch.errors:
             s = self.streams.get(err.request_id)
-            if s is not None and s.worker == ident:
+            if s is not None and (s.worker == ident or replaced):
                 s.queue.put_nowait(err)
         for d in batch.deltas:
             s = self.streams.get(d.request_id)
-            if s is not None and s.worker == ident:
+            if s is not None and (s.worker == ident or replaced):
                 s.queue.put_nowait(d)
 
     def _on_status(self, ident: bytes, st: ipc_pb2.WorkerStatus) -> None:
+        if _replaced_connection(ident):
+            return  # an old status of a worker now on its new connection: not a worker
         w = self.workers.get(ident)
-        if w is None and any(o.status.worker_id == st.worker_id for o in self.workers.values()):
-            # Read from a connection this worker has since replaced (ROUTER_HANDOVER renames
-            # the old one): worker ids are unique per process, so this is stale, not a worker.
-            return
         if w is None:
             log.info("tokenizer worker %s connected", st.worker_id)
             self.workers[ident] = WorkerState(ident, st, time.monotonic())
@@ -204,28 +217,48 @@ class WorkerPool:
         self._check_health()
 
     async def _watchdog(self) -> None:
-        last, deferred = time.monotonic(), False
+        last = time.monotonic()
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
-            # A late wake-up means this process did not run (stopped, swapped out, starved)
-            # and heard nobody meanwhile, through no fault of theirs: the workers are judged
-            # at the next tick, once the reader has read what they queued. Never twice in a
-            # row, so a gateway that lags all the time still writes a dead worker off.
-            gap, last = now - last, now
-            if gap > 2 * HEARTBEAT_S and not deferred:
-                deferred = True
-                log.warning("the gateway stalled for %.1f s; judging workers at the next tick", gap)
-                continue
-            deferred = False
-            for ident, w in list(self.workers.items()):
-                if now - w.last_seen > DEAD_AFTER_S:
-                    log.warning("tokenizer worker %s went silent", w.status.worker_id)
-                    del self.workers[ident]
-                    self._fail_streams(ident, "the tokenizer worker serving it stopped answering")
-                elif not w.status.engine_ready:
-                    self._fail_streams(ident, "the engine is not available")
-            self._check_health()
+            self._tick(now, now - last)
+            last = now
+
+    def _tick(self, now: float, gap: float) -> None:
+        """One watchdog round, ``gap`` seconds after the previous one (HEARTBEAT_S normally).
+
+        A late round means this process did not run (stopped, swapped out, starved) and heard
+        nobody meanwhile, through no fault of theirs: each worker gets STALL_GRACE_S from now
+        to be heard (its queued messages read, or its connection made again) before it is
+        judged; at most once per DEAD_AFTER_S + STALL_GRACE_S, so a gateway that keeps
+        lagging still writes a dead worker off. Past the workers' ping timeout they have
+        dropped their connections and aborted its requests, and not every stream's end need
+        come back (a message being written when a connection drops is lost): the streams
+        opened before the stall end here."""
+        if gap > GATEWAY_PING_TIMEOUT_S:
+            for s in self.streams.values():
+                if s.opened < now - gap:
+                    s.queue.put_nowait(ipc_pb2.RequestError(
+                        request_id=s.request_id, code=ipc_pb2.UNAVAILABLE,
+                        message=f"the gateway stalled for {gap:.0f} s and lost its workers",
+                    ))  # fmt: skip
+        if gap > 2 * HEARTBEAT_S and now - self._grace_at > DEAD_AFTER_S + STALL_GRACE_S:
+            self._grace_at = now
+            log.warning(
+                "the gateway stalled for %.1f s; giving workers %.0f s to be heard",
+                gap,
+                STALL_GRACE_S,
+            )
+            for w in self.workers.values():
+                w.last_seen = max(w.last_seen, now - DEAD_AFTER_S + STALL_GRACE_S)
+        for ident, w in list(self.workers.items()):
+            if now - w.last_seen > DEAD_AFTER_S:
+                log.warning("tokenizer worker %s went silent", w.status.worker_id)
+                del self.workers[ident]
+                self._fail_streams(ident, "the tokenizer worker serving it stopped answering")
+            elif not w.status.engine_ready:
+                self._fail_streams(ident, "the engine is not available")
+        self._check_health()
 
     def _fail_streams(self, ident: bytes, message: str) -> None:
         for worker, fut in self._calls.values():

@@ -15,6 +15,10 @@ from protos.pagedserve.internal.v1 import ipc_pb2
 # A part sends a status message every HEARTBEAT_S; a peer silent for DEAD_AFTER_S is gone.
 HEARTBEAT_S = 0.5
 DEAD_AFTER_S = 3.0
+# Workers also ping the gateway over ZMTP (its ZeroMQ I/O thread answers): unanswered for
+# GATEWAY_PING_TIMEOUT_S after a ping, the connection is dropped and the gateway counts as gone.
+GATEWAY_PING_S = 1.0
+GATEWAY_PING_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True, frozen=True)

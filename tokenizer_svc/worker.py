@@ -21,7 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine_svc.errors import InvalidRequestError, PagedServeError
 from engine_svc.tokenizer import Tokenizer
-from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S
+from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 from protos.pagedserve.internal.v1 import ipc_pb2
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 
@@ -76,7 +76,12 @@ class Worker:
         # ZMTP pings (answered by the gateway's ZeroMQ I/O thread, not its event loop): a
         # gateway that stops running, or whose host vanishes without closing the connection,
         # counts as gone too.
-        self.gw = self._dealer(ctx, self.gateway_address, ping_ms=1000, ping_timeout_ms=5000)
+        self.gw = self._dealer(
+            ctx,
+            self.gateway_address,
+            ping_ms=int(GATEWAY_PING_S * 1000),
+            ping_timeout_ms=int(GATEWAY_PING_TIMEOUT_S * 1000),
+        )
         self.eng = self._dealer(ctx, self.engine_address)
         # The gateway's connection dropping means the gateway is gone (crashed, or restarted
         # by the supervisor): nobody will read its requests' streams any more.
