@@ -4,10 +4,10 @@ Same maths as ``LlamaModel.forward`` (the CPU path), fewer launches: the residua
 fused into each RMSNorm; one ``rotary_and_cache`` launch rotates q and k (cos/sin read from a
 cache by position) and writes k and v to their cache slots (padded rows skipped); one
 ``paged_attention`` launch covers the whole mixed batch; ``silu_and_mul`` is one launch. Per
-layer that is two norms, four matmuls and three more kernels (four with split-KV). ``ops`` is ``kernels.triton_ops`` on the GPU; with
-``kernels.reference`` the same code runs on the CPU, which is how the tests pin it to the CPU
-model. Everything here is a fixed sequence of launches on static shapes, so a decode step can
-be captured in a CUDA graph as it is.
+layer that is two norms, four matmuls and three more kernels (four with split-KV). ``ops`` is
+``kernels.triton_ops`` on the GPU; with ``kernels.reference`` the same code runs on the CPU,
+which is how the tests pin it to the CPU model. Everything here is a fixed sequence of
+launches on static shapes, so a decode step can be captured in a CUDA graph as it is.
 """
 
 from __future__ import annotations

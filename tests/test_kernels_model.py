@@ -262,8 +262,10 @@ def _count_launches(fn) -> dict[str, int]:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            free = func._schema.name in ALLOCATION_OPS or any(r.alias_info is not None and not r.alias_info.is_write
-                     for r in func._schema.returns)  # fmt: skip
+            # allocations, and views (a result aliasing an input without writing it)
+            view = any(r.alias_info is not None and not r.alias_info.is_write
+                       for r in func._schema.returns)  # fmt: skip
+            free = view or func._schema.name in ALLOCATION_OPS
             if not inside[0] and not free:
                 counts[func._schema.name] = counts.get(func._schema.name, 0) + 1
             return func(*args, **(kwargs or {}))
