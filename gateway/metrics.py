@@ -39,7 +39,7 @@ class _EngineCollector:
         ready.add_metric([], 1.0 if self.pool.ready else 0.0)
         yield ready
         workers = GaugeMetricFamily("pagedserve_tokenizer_workers_ready", "ready tokenizer workers")
-        workers.add_metric([], float(sum(w.ready for w in self.pool.workers.values())))
+        workers.add_metric([], float(len(self.pool.ready_workers())))
         yield workers
         if stats is None:
             return

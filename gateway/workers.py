@@ -98,27 +98,30 @@ class WorkerPool:
         self._ctx.term()
 
     # -- state -----------------------------------------------------------------------------
+    def ready_workers(self) -> list[WorkerState]:
+        """The ready workers. Safe from another thread (the metrics server's): the dict is
+        copied in one C call, under the GIL, before anything iterates it in Python."""
+        return [w for w in list(self.workers.values()) if w.ready]
+
     @property
     def ready(self) -> bool:
-        return sum(w.ready for w in self.workers.values()) >= self.expect_workers
+        return len(self.ready_workers()) >= self.expect_workers
 
     def engine_info(self) -> ipc_pb2.EngineInfo | None:
-        for w in self.workers.values():
-            if w.ready:
-                return w.status.engine
-        return None
+        ready = self.ready_workers()
+        return ready[0].status.engine if ready else None
 
     def has_chat_template(self) -> bool:
         """Whether the ready workers' tokenizer has a chat template (they share one model)."""
-        return any(w.status.has_chat_template for w in self.workers.values() if w.ready)
+        return any(w.status.has_chat_template for w in self.ready_workers())
 
     def engine_stats(self) -> ipc_pb2.EngineStats | None:
-        live = [w for w in self.workers.values() if w.ready]
+        live = self.ready_workers()
         return max(live, key=lambda w: w.last_seen).status.stats if live else None
 
     def pick(self) -> WorkerState | None:
         """The ready worker with the fewest open streams."""
-        ready = [w for w in self.workers.values() if w.ready]
+        ready = self.ready_workers()
         return min(ready, key=lambda w: w.num_streams) if ready else None
 
     # -- streams ---------------------------------------------------------------------------
