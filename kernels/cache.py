@@ -12,6 +12,26 @@ import triton.language as tl
 
 
 @triton.jit
+def copy_heads(
+    src,  # head 0 of one token's [num_heads, head_size] row
+    dst,  # head 0 of its destination (a cache slot)
+    src_stride_h,
+    dst_stride_h,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    """Copy one token's heads, cast to the destination dtype (also used by rotary's fused
+    cache write for v)."""
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HEAD_PAD)[None, :]
+    mask = (h < NUM_HEADS) & (d < HEAD_SIZE)
+    x = tl.load(src + h * src_stride_h + d, mask=mask)
+    tl.store(dst + h * dst_stride_h + d, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_size]
     value_ptr,  # [num_tokens, num_kv_heads, head_size]
@@ -40,15 +60,12 @@ def _reshape_and_cache_kernel(
         return
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
-    h = tl.arange(0, HEADS_PAD)[:, None]
-    d = tl.arange(0, HEAD_PAD)[None, :]
-    mask = (h < NUM_KV_HEADS) & (d < HEAD_SIZE)
-    k = tl.load(key_ptr + token * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + h * stride_vh + d, mask=mask)
-    k_dst = key_cache_ptr + block * stride_kcb + offset * stride_kcs + h * stride_kch + d
-    v_dst = value_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch + d
-    tl.store(k_dst, k.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    copy_heads(key_ptr + token * stride_kt,
+               key_cache_ptr + block * stride_kcb + offset * stride_kcs, stride_kh, stride_kch,
+               NUM_KV_HEADS, HEAD_SIZE, HEADS_PAD, HEAD_PAD)  # fmt: skip
+    copy_heads(value_ptr + token * stride_vt,
+               value_cache_ptr + block * stride_vcb + offset * stride_vcs, stride_vh, stride_vch,
+               NUM_KV_HEADS, HEAD_SIZE, HEADS_PAD, HEAD_PAD)  # fmt: skip
 
 
 def check_cache_args(

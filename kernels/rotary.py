@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cache import check_cache_args
+from kernels.cache import check_cache_args, copy_heads
 
 
 @triton.jit
@@ -109,12 +109,10 @@ def _rotary_kernel(
                           key_cache_ptr + block * stride_kcb + offset * stride_kcs,
                           stride_kh, stride_kch, cos, sin,
                           NUM_KV_HEADS, HEAD_SIZE, HALF, KV_HEADS_PAD, HALF_PAD, TAIL_PAD)  # fmt: skip
-            h = tl.arange(0, KV_HEADS_PAD)[:, None]
-            e = tl.arange(0, HEAD_PAD)[None, :]
-            mask = (h < NUM_KV_HEADS) & (e < HEAD_SIZE)
-            v = tl.load(v_ptr + token * stride_vt + h * stride_vh + e, mask=mask)
-            v_dst = value_cache_ptr + block * stride_vcb + offset * stride_vcs + h * stride_vch
-            tl.store(v_dst + e, v.to(value_cache_ptr.dtype.element_ty), mask=mask)
+            copy_heads(v_ptr + token * stride_vt,
+                       value_cache_ptr + block * stride_vcb + offset * stride_vcs,
+                       stride_vh, stride_vch,
+                       NUM_KV_HEADS, HEAD_SIZE, KV_HEADS_PAD, HEAD_PAD)  # fmt: skip
     else:
         _rotate_heads(k_ptr + token * stride_kt, k_out_ptr + token * (NUM_KV_HEADS * HEAD_SIZE),
                       stride_kh, HEAD_SIZE, cos, sin,
