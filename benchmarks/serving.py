@@ -455,10 +455,12 @@ def scrape_engine_steps(metrics_port: int | None) -> int | None:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("pagedserve_engine_steps_total "):
-            return int(float(line.split()[1]))
-    return None
+    steps = [  # one series per engine (data-parallel replicas): their sum
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(("pagedserve_engine_steps_total ", "pagedserve_engine_steps_total{"))
+    ]
+    return int(sum(steps)) if steps else None
 
 
 # -- one benchmark, start to end -----------------------------------------------------------------
@@ -472,6 +474,7 @@ class Report:
     runs: list[ServingResult]
     target: str | None  # None: the benchmark started the stack itself
     tokenizer_workers: int
+    data_parallel_size: int = 1
     machine: str = ""
     model: str = "?"
 
@@ -504,6 +507,7 @@ def run_benchmark(
     target: str | None = None,
     api_key: str | None = None,
     tokenizer_workers: int = 2,
+    data_parallel_size: int = 1,
     offline: bool = True,
     seed: int = 0,
     work_dir: Path | None = None,
@@ -538,6 +542,8 @@ def run_benchmark(
                 from tests.serving_stack import start_stack
 
                 up = [*settings.up_argv(), "--tokenizer-workers", str(tokenizer_workers)]
+                if data_parallel_size > 1:
+                    up += ["--data-parallel-size", str(data_parallel_size)]
                 up += ["--max-inflight", str(max(1024, 2 * wl.num_requests))]
                 if model is not None:
                     up += ["--model", str(model)]
@@ -557,6 +563,7 @@ def run_benchmark(
         runs,
         None if stack is not None else target,
         tokenizer_workers,
+        data_parallel_size,
         machine,
         model_path.name if model_path else "?",
     )
@@ -659,7 +666,9 @@ def render_section(rep: Report, command: str) -> str:
     wl = rep.workload
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = (
-        f"`pagedserve up` started by the benchmark ({rep.tokenizer_workers} tokenizer workers)"
+        f"`pagedserve up` started by the benchmark ({rep.tokenizer_workers} tokenizer workers"
+        + (f", {rep.data_parallel_size} engine replicas" if rep.data_parallel_size > 1 else "")
+        + ")"
         if rep.target is None
         else f"the server at `{rep.target}` (its own engine settings)"
     )
@@ -796,6 +805,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=2,
         help="tokenizer worker processes of the stack started here",
     )
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas of the stack started here (each gets its share of the cores "
+        "unless --num-threads is given; the offline engine is one engine either way)",
+    )
 
     g = ap.add_argument_group("engine (offline engine and the stack started here alike)")
     g.add_argument(
@@ -863,7 +879,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.output_len = (8, 32) if args.quick else (16, 128)
     if args.request_rates is None:
         args.request_rates = [math.inf] if args.quick else [math.inf, 1.0]
-    for name in ("num_requests", "tokenizer_workers", "max_num_seqs", "max_num_batched_tokens"):
+    for name in (
+        "num_requests",
+        "tokenizer_workers",
+        "data_parallel_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+    ):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -908,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target=args.target,
         api_key=args.api_key,
         tokenizer_workers=args.tokenizer_workers,
+        data_parallel_size=args.data_parallel_size,
         offline=not args.no_offline,
         seed=args.seed,
     )

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway and (as last reported through the workers) the engine."""
+"""Prometheus metrics of the gateway and (as last reported through the workers) the engines."""
 
 from __future__ import annotations
 
@@ -34,22 +34,31 @@ class _EngineCollector:
         self.pool = pool
 
     def collect(self):
-        stats = self.pool.engine_stats()
+        engines = self.pool.engine_states()
         ready = GaugeMetricFamily("pagedserve_ready", "1 when every part is ready")
         ready.add_metric([], 1.0 if self.pool.ready else 0.0)
         yield ready
         workers = GaugeMetricFamily("pagedserve_tokenizer_workers_ready", "ready tokenizer workers")
         workers.add_metric([], float(len(self.pool.ready_workers())))
         yield workers
-        if stats is None:
-            return
+        # One series per engine (data-parallel replicas), labelled by the workers' address.
+        up = GaugeMetricFamily(
+            "pagedserve_engine_ready", "1 when the engine takes requests", labels=["engine"]
+        )
+        for address, e in engines.items():
+            up.add_metric([address], 1.0 if e.ready else 0.0)
+        yield up
         for name, doc in _ENGINE_GAUGES.items():
-            g = GaugeMetricFamily(f"pagedserve_engine_{name}", doc)
-            g.add_metric([], float(getattr(stats, name)))
+            g = GaugeMetricFamily(f"pagedserve_engine_{name}", doc, labels=["engine"])
+            for address, e in engines.items():
+                g.add_metric([address], float(getattr(e.stats, name)))
             yield g
         for name, doc in _ENGINE_COUNTERS.items():
-            c = CounterMetricFamily(f"pagedserve_engine_{name.removesuffix('_total')}", doc)
-            c.add_metric([], float(getattr(stats, name)))
+            c = CounterMetricFamily(
+                f"pagedserve_engine_{name.removesuffix('_total')}", doc, labels=["engine"]
+            )
+            for address, e in engines.items():
+                c.add_metric([address], float(getattr(e.stats, name)))
             yield c
 
 

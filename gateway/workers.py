@@ -115,9 +115,14 @@ class WorkerPool:
         """Whether the ready workers' tokenizer has a chat template (they share one model)."""
         return any(w.status.has_chat_template for w in self.ready_workers())
 
-    def engine_stats(self) -> ipc_pb2.EngineStats | None:
-        live = self.ready_workers()
-        return max(live, key=lambda w: w.last_seen).status.stats if live else None
+    def engine_states(self) -> dict[str, ipc_pb2.EngineState]:
+        """Each engine (by the address workers connect to) as the ready worker heard most
+        recently reports it."""
+        out: dict[str, ipc_pb2.EngineState] = {}
+        for w in sorted(self.ready_workers(), key=lambda w: w.last_seen):
+            for e in w.status.engines:
+                out[e.address] = e
+        return out
 
     def pick(self) -> WorkerState | None:
         """The ready worker with the fewest open streams."""

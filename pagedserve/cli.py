@@ -220,6 +220,17 @@ def _add_serving_commands(sub) -> None:
     _add_engine_args(p)
     _add_model_name_arg(p)
     p.add_argument(
+        "--data-parallel-size",
+        "--dp",
+        dest="data_parallel_size",
+        type=int,
+        default=1,
+        help="engine replicas of the model, each its own process: one GPU each "
+        "(CUDA_VISIBLE_DEVICES), or on the CPU an equal share of the cores (unless "
+        "--num-threads is given). The tokenizer workers send each request to one replica, by "
+        "prefix-cache affinity within a load margin",
+    )
+    p.add_argument(
         "--run-dir",
         default=None,
         help="directory for the ipc sockets (default: a new temporary directory)",

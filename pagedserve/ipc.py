@@ -23,14 +23,18 @@ GATEWAY_PING_TIMEOUT_S = 5.0
 
 @dataclass(slots=True, frozen=True)
 class Addresses:
-    """Where the engine and the gateway bind their ROUTER sockets (the workers connect)."""
+    """Where the engines and the gateway bind their ROUTER sockets (the workers connect)."""
 
-    engine: str
+    engines: list[str]  # one per data-parallel replica
     gateway: str
 
     @classmethod
-    def in_run_dir(cls, run_dir: Path) -> Addresses:
-        return cls(engine=f"ipc://{run_dir}/engine.sock", gateway=f"ipc://{run_dir}/gateway.sock")
+    def in_run_dir(cls, run_dir: Path, num_engines: int = 1) -> Addresses:
+        names = ["engine"] if num_engines == 1 else [f"engine-{k}" for k in range(num_engines)]
+        return cls(
+            engines=[f"ipc://{run_dir}/{n}.sock" for n in names],
+            gateway=f"ipc://{run_dir}/gateway.sock",
+        )
 
 
 def prepare_bind(address: str) -> None:

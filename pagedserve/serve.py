@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pagedserve.ipc import Addresses
 
+log = logging.getLogger("pagedserve")
+
 DEFAULT_ENGINE_ADDRESS = "tcp://127.0.0.1:5560"
 DEFAULT_GATEWAY_ADDRESS = "tcp://127.0.0.1:5561"
 
@@ -104,7 +106,14 @@ def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         help="tokenizer/detokenizer worker processes",
     )
     if standalone:
-        g.add_argument("--engine", default=DEFAULT_ENGINE_ADDRESS, help="the engine's address")
+        g.add_argument(
+            "--engine",
+            action="append",
+            default=None,
+            help=f"an engine's address (default {DEFAULT_ENGINE_ADDRESS}); repeat it for "
+            "data-parallel replicas of one model: each request goes to one of them, by prefix-"
+            "cache affinity within a load margin",
+        )
         g.add_argument("--gateway", default=DEFAULT_GATEWAY_ADDRESS, help="the gateway's address")
         g.add_argument(
             "--tokenizer",
@@ -120,7 +129,7 @@ def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     from engine_svc.config import EngineConfig
     from engine_svc.server import EngineServer
 
-    setup_logging(a.log_level, "engine")
+    setup_logging(a.log_level, "engine" if a.index is None else f"engine-{a.index}")
     server = EngineServer(
         EngineConfig(model=a.model, **engine_kwargs), a.listen, a.served_model_name
     )
@@ -141,6 +150,7 @@ def add_engine_listen_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_ENGINE_ADDRESS,
         help="ZeroMQ address the tokenizer workers connect to (tcp://host:port or ipc://path)",
     )
+    p.add_argument("--index", type=int, default=None, help=argparse.SUPPRESS)  # replica k's logs
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -148,16 +158,21 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
     setup_logging(a.log_level, "tokenizer")
     if a.tokenizer_workers < 1:
         raise SystemExit("pagedserve: error: --tokenizer-workers must be >= 1")
+    engines = a.engine or [DEFAULT_ENGINE_ADDRESS]
+    if len(set(engines)) != len(engines):
+        raise SystemExit(f"pagedserve: error: an --engine address is given twice: {engines}")
     if a.tokenizer_workers == 1:
         from tokenizer_svc.worker import Worker, new_worker_id
 
-        w = Worker(new_worker_id(a.index), a.gateway, a.engine, a.tokenizer)
+        w = Worker(new_worker_id(a.index), a.gateway, engines, a.tokenizer)
         _on_term(w.stop)
         w.run()
         return 0
     from pagedserve.supervise import Child, Supervisor, python_argv
 
-    base = ["tokenizer", "--workers", "1", "--engine", a.engine, "--gateway", a.gateway]
+    base = ["tokenizer", "--workers", "1", "--gateway", a.gateway]
+    for e in engines:
+        base += ["--engine", e]
     base += ["--log-level", a.log_level] + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
     sup = Supervisor(
         [
@@ -209,8 +224,11 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     from pagedserve.supervise import Child, Supervisor, python_argv
 
     setup_logging(a.log_level, "up")
+    dp = a.data_parallel_size
+    if dp < 1:
+        raise SystemExit("pagedserve: error: --data-parallel-size must be >= 1")
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="pagedserve-"))
-    addr = Addresses.in_run_dir(run_dir)
+    addr = Addresses.in_run_dir(run_dir, dp)
     log_args = ["--log-level", a.log_level]
     gw = ["gateway", "--listen", addr.gateway, "--expect-workers", str(a.tokenizer_workers)]
     gw += ["--host", a.host, "--port", str(a.port), "--max-inflight", str(a.max_inflight)]
@@ -219,10 +237,10 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
     for k in a.api_key or []:
         gw += ["--api-key", k]
-    engine = ["engine", "--listen", addr.engine, *engine_argv]
+    engine_flags = [f for e in addr.engines for f in ("--engine", e)]
     sup = Supervisor(
         [
-            Child("engine", python_argv(*engine, *log_args)),
+            *_engine_children(a, engine_argv, addr.engines, log_args),
             *[
                 Child(
                     f"tokenizer worker {k}",
@@ -232,8 +250,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
                         "1",
                         "--index",
                         str(k),
-                        "--engine",
-                        addr.engine,
+                        *engine_flags,
                         "--gateway",
                         addr.gateway,
                         *log_args,
@@ -245,7 +262,9 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
         ]
     )
     where = f"{a.host}:{a.port}"
-    announce = threading.Thread(target=_announce_when_serving, args=(where, a), daemon=True)
+    announce = threading.Thread(
+        target=_announce_when_serving, args=(where, a, addr.engines), daemon=True
+    )
     announce.start()
     try:
         return _supervise(sup)
@@ -254,7 +273,39 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _announce_when_serving(where: str, a: argparse.Namespace) -> None:
+def _engine_children(
+    a: argparse.Namespace, engine_argv: list[str], addresses: list[str], log_args: list[str]
+) -> list:
+    """One engine child per data-parallel replica. Replicas split the machine: on a GPU one
+    device each (CUDA_VISIBLE_DEVICES), on the CPU an equal share of the cores each, unless
+    --num-threads says otherwise."""
+    from pagedserve.supervise import Child, python_argv
+
+    dp = len(addresses)
+    if dp == 1:
+        return [
+            Child(
+                "engine", python_argv("engine", "--listen", addresses[0], *engine_argv, *log_args)
+            )
+        ]
+    argv = list(engine_argv)
+    if a.num_threads is None and a.device != "cuda":
+        argv += ["--num-threads", str(max(1, (os.cpu_count() or 1) // dp))]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(k) for k in range(dp)]
+    if len(devices) < dp and a.device != "cpu":
+        log.warning("%d replicas share %d visible GPUs", dp, len(devices))
+    children = []
+    for k, address in enumerate(addresses):
+        env = None
+        if a.device != "cpu":  # auto or cuda: each replica sees one device (if there are GPUs)
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices[k % len(devices)])
+        argv_k = python_argv("engine", "--listen", address, "--index", str(k), *argv, *log_args)
+        children.append(Child(f"engine {k}", argv_k, env=env))
+    return children
+
+
+def _announce_when_serving(where: str, a: argparse.Namespace, engines: list[str]) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -269,11 +320,15 @@ def _announce_when_serving(where: str, a: argparse.Namespace) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.5)
+    # Health turns SERVING with the first ready replica; the announcement waits for all.
+    while len(engines) > 1 and not all(_engine_ready(e, 2.0) for e in engines):
+        time.sleep(0.5)
     metrics = (
         f", metrics on http://{a.metrics_host}:{a.metrics_port}/metrics" if a.metrics_port else ""
     )
+    replicas = f", {len(engines)} engine replicas" if len(engines) > 1 else ""
     print(
-        f"pagedserve is serving on {where} (gRPC, plaintext){metrics}\n"
+        f"pagedserve is serving on {where} (gRPC, plaintext){replicas}{metrics}\n"
         f'  try: grpcurl -plaintext -d \'{{"text": "Hello", "max_tokens": 16}}\' '
         f"{where} pagedserve.v1.Inference/Generate\n  Ctrl-C stops everything.",
         file=sys.stderr,
@@ -332,6 +387,22 @@ def cmd_health(a: argparse.Namespace) -> int:
 
 
 def _engine_health(address: str, timeout: float) -> int:
+    st = _engine_status(address, timeout)
+    if st is None:
+        print(f"{address}: no answer in {timeout}s", file=sys.stderr)
+        return 1
+    state = "ready" if st.ready else f"not ready{': ' + st.error if st.error else ' (loading)'}"
+    print(f"{address}: engine {state}")
+    return 0 if st.ready else 1
+
+
+def _engine_ready(address: str, timeout: float) -> bool:
+    st = _engine_status(address, timeout)
+    return st is not None and st.ready
+
+
+def _engine_status(address: str, timeout: float):
+    """The engine's EngineStatus, or None when it does not answer within ``timeout``."""
     import zmq
 
     from protos.pagedserve.internal.v1 import ipc_pb2
@@ -344,16 +415,11 @@ def _engine_health(address: str, timeout: float) -> int:
     try:
         s.send(ipc_pb2.WorkerToEngine(hello=ipc_pb2.Hello(worker_id="health")).SerializeToString())
         if not s.poll(int(timeout * 1000)):
-            print(f"{address}: no answer in {timeout}s", file=sys.stderr)
-            return 1
-        msg = ipc_pb2.EngineToWorker.FromString(s.recv())
+            return None
+        return ipc_pb2.EngineToWorker.FromString(s.recv()).status
     finally:
         s.close()
         ctx.term()
-    st = msg.status
-    state = "ready" if st.ready else f"not ready{': ' + st.error if st.error else ' (loading)'}"
-    print(f"{address}: engine {state}")
-    return 0 if st.ready else 1
 
 
 def add_health_args(p: argparse.ArgumentParser) -> None:

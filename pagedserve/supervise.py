@@ -29,6 +29,7 @@ class Child:
     name: str
     argv: list[str]
     restart: bool = True
+    env: dict[str, str] | None = None  # None: the supervisor's environment
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -41,6 +42,7 @@ class Child:
         self.proc = subprocess.Popen(
             self.argv,
             start_new_session=True,
+            env=self.env,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 

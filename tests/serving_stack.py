@@ -46,13 +46,20 @@ class Stack:
         return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
 
     def metrics(self) -> dict[str, float]:
+        """Every sample by its name with labels; a labelled family (the engine metrics carry
+        an ``engine`` label) also under its bare name, summed over its series."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        out = {}
+        out: dict[str, float] = {}
+        sums: dict[str, float] = {}
         for line in text.splitlines():
             m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
             if m:
                 out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+                if m.group(2):
+                    sums[m.group(1)] = sums.get(m.group(1), 0.0) + float(m.group(3))
+        for name, total in sums.items():
+            out.setdefault(name, total)
         return out
 
     def wait_metric(self, name: str, pred, timeout: float = 10.0) -> float:

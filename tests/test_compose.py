@@ -132,7 +132,7 @@ def test_addresses_line_up(services):
 
     tok = _parse(services["tokenizer"]["command"])
     gw = _parse(services["gateway"]["command"])
-    assert _hostport(tok.engine) == ("engine", eng["gpu"])
+    assert [_hostport(e) for e in tok.engine] == [("engine", eng["gpu"])]
     gw_host, gw_port = _hostport(gw.listen)
     assert gw_host == "0.0.0.0"
     assert _hostport(tok.gateway) == ("gateway", gw_port)

@@ -2,9 +2,12 @@
 each engine step's new tokens back out as text deltas (UTF-8 safe, stop strings applied).
 
 A request stays on one worker for its whole life, so its incremental detokenizer and
-stop-string state live here. The worker connects one DEALER to the gateway and one to the
+stop-string state live here. The worker connects one DEALER to the gateway and one to each
 engine (identity = worker id) and runs a single-threaded poll loop: tokenizing is fast and
 the GIL would serialize threads anyway.
+
+Several engines are data-parallel replicas of one model: the worker sends each request to one
+of them (``Router``: prefix-cache affinity within a load margin) and it stays there.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import itertools
 import logging
 import time
 import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +34,102 @@ from tokenizer_svc.detokenizer import IncrementalDetokenizer
 log = logging.getLogger("pagedserve.tokenizer")
 
 
+# Routing over several engines (see Router).
+AFFINITY_BLOCKS = 64  # prompt blocks a request's prefix is matched over
+AFFINITY_MEMORY = 100_000  # prefix hashes remembered per engine (least recently used go)
+BALANCE_SLACK = 8  # sequences an engine may carry over the least loaded one and still be picked
+
+
+class EngineLink:
+    """One engine as this worker sees it: its socket, last status and routing memory."""
+
+    def __init__(self, index: int, address: str) -> None:
+        self.index, self.address = index, address
+        self.sock: zmq.Socket | None = None
+        self.status: ipc_pb2.EngineStatus | None = None
+        self.seen = 0.0
+        self.sent = 0  # sequences added since its last status (not in its stats yet)
+        self.refused = ""  # why it is not used although ready: it serves another model
+        self.key = zlib.crc32(address.encode())  # the same in every worker process
+        self.prefixes: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self.status is not None
+            and self.status.ready
+            and time.monotonic() - self.seen < DEAD_AFTER_S
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and not self.refused
+
+    @property
+    def load(self) -> int:
+        s = self.status.stats if self.status is not None else ipc_pb2.EngineStats()
+        return s.num_running + s.num_waiting + self.sent
+
+    def matched(self, chain: Sequence[int]) -> int:
+        """Leading prompt blocks of ``chain`` that were sent here (and may still be cached)."""
+        n = 0
+        while n < len(chain) and chain[n] in self.prefixes:
+            n += 1
+        return n
+
+    def remember(self, chain: Sequence[int]) -> None:
+        for h in chain:
+            self.prefixes[h] = None
+            self.prefixes.move_to_end(h)
+        while len(self.prefixes) > AFFINITY_MEMORY:
+            self.prefixes.popitem(last=False)
+
+    def state(self) -> ipc_pb2.EngineState:
+        st = ipc_pb2.EngineState(address=self.address, ready=self.ready, error=self.refused)
+        if self.status is not None:
+            st.instance = self.status.instance
+            st.stats.CopyFrom(self.status.stats)
+            st.error = self.refused or self.status.error
+        return st
+
+
+def prefix_chain(ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks that a prefix cache could hold (the last
+    token is always computed), at most AFFINITY_BLOCKS. Hashes of ints and tuples are the same
+    in every process, so every worker routes a prefix the same way."""
+    chain, h = [], 0
+    n = min((len(ids) - 1) // block_size, AFFINITY_BLOCKS) if block_size > 0 else 0
+    for b in range(n):
+        h = hash((h, tuple(ids[b * block_size : (b + 1) * block_size])))
+        chain.append(h)
+    return chain
+
+
+def route(engines: Sequence[EngineLink], chain: Sequence[int]) -> EngineLink:
+    """Pick the engine for a request with this prefix chain among ready ``engines``.
+
+    Only engines within a margin of the least loaded one compete (``BALANCE_SLACK``
+    sequences, or a quarter of the least load if more). Among those, the one that was sent
+    the longest run of this prompt's leading blocks wins, so requests sharing a prefix find
+    it cached; a prefix new to all of them goes where rendezvous hashing of its first block
+    points (the same engine from every worker); a prompt shorter than a block goes to the
+    least loaded engine.
+    """
+    least = min(e.load for e in engines)
+    fair = [e for e in engines if e.load <= least + max(BALANCE_SLACK, least // 4)]
+    best, best_len = None, 0
+    for e in fair:
+        n = e.matched(chain)
+        if n > best_len or (n and n == best_len and e.load < best.load):
+            best, best_len = e, n
+    if best is None:
+        if chain:
+            best = max(fair, key=lambda e: hash((chain[0], e.key)))
+        else:
+            best = min(fair, key=lambda e: (e.load, e.index))
+    return best
+
+
 @dataclass(slots=True)
 class _Seq:
     detok: IncrementalDetokenizer
@@ -41,6 +143,8 @@ class _Active:
     request: ipc_pb2.TextRequest
     prompt_ids: list[int]
     engine_rid: str  # unique per Add, so a reused client id never sees a late old output
+    params: ipc_pb2.SamplingParams
+    engine: EngineLink | None = None
     seqs: list[_Seq] = field(default_factory=list)
 
     @property
@@ -53,17 +157,20 @@ class Worker:
         self,
         worker_id: str,
         gateway_address: str,
-        engine_address: str,
+        engine_addresses: str | Sequence[str],
         tokenizer_path: str | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.ident = worker_id.encode()
-        self.gateway_address, self.engine_address = gateway_address, engine_address
+        self.gateway_address = gateway_address
+        if isinstance(engine_addresses, str):
+            engine_addresses = [engine_addresses]
+        if not engine_addresses or len(set(engine_addresses)) != len(engine_addresses):
+            raise ValueError(f"engine addresses must be given, each once: {engine_addresses}")
+        self.engines = [EngineLink(i, a) for i, a in enumerate(engine_addresses)]
         self.tokenizer_path = tokenizer_path  # None: the path the engine reports
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_error = ""
-        self.engine_status: ipc_pb2.EngineStatus | None = None
-        self.engine_seen = 0.0
         self.active: dict[str, _Active] = {}  # by the client's request id
         self.by_engine: dict[str, str] = {}  # engine_rid -> client request id
         self._serial = itertools.count()
@@ -82,23 +189,33 @@ class Worker:
             ping_ms=int(GATEWAY_PING_S * 1000),
             ping_timeout_ms=int(GATEWAY_PING_TIMEOUT_S * 1000),
         )
-        self.eng = self._dealer(ctx, self.engine_address)
+        for e in self.engines:
+            e.sock = self._dealer(ctx, e.address)
+        by_sock = {e.sock: e for e in self.engines}
         # The gateway's connection dropping means the gateway is gone (crashed, or restarted
         # by the supervisor): nobody will read its requests' streams any more.
         gw_events = self.gw.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self.gw, zmq.POLLIN)
-        poller.register(self.eng, zmq.POLLIN)
+        for e in self.engines:
+            poller.register(e.sock, zmq.POLLIN)
         poller.register(gw_events, zmq.POLLIN)
         next_beat = 0.0
-        log.info("worker %s: gateway %s, engine %s", self.worker_id, *self._addrs())
+        log.info(
+            "worker %s: gateway %s, engines %s",
+            self.worker_id,
+            self.gateway_address,
+            ", ".join(e.address for e in self.engines),
+        )
         try:
             while not self._stop:
                 wait = max(1, int((next_beat - time.monotonic()) * 1000))
                 events = dict(poller.poll(timeout=wait))
-                # Read before judging liveness: after a stall the engine's status is queued.
-                if self.eng in events:
-                    self._drain(self.eng, ipc_pb2.EngineToWorker, self._on_engine)
+                # Read before judging liveness: after a stall the engines' statuses are queued.
+                for sock in events:
+                    eng = by_sock.get(sock)
+                    if eng is not None:
+                        self._drain(sock, ipc_pb2.EngineToWorker, self._on_engine, eng)
                 # A disconnect first: messages already read from a reconnected gateway are new.
                 if gw_events in events:
                     self._on_gateway_events(gw_events)
@@ -112,14 +229,12 @@ class Worker:
             self.gw.disable_monitor()
             gw_events.close(0)
             self.gw.close(0)
-            self.eng.close(0)
+            for e in self.engines:
+                e.sock.close(0)
             ctx.term()
 
     def stop(self) -> None:
         self._stop = True
-
-    def _addrs(self) -> tuple[str, str]:
-        return self.gateway_address, self.engine_address
 
     def _dealer(
         self, ctx: zmq.Context, address: str, ping_ms: int = 0, ping_timeout_ms: int = 0
@@ -136,7 +251,7 @@ class Worker:
         return s
 
     @staticmethod
-    def _drain(sock: zmq.Socket, cls, handler) -> None:
+    def _drain(sock: zmq.Socket, cls, handler, *args) -> None:
         while True:
             try:
                 payload = sock.recv(zmq.NOBLOCK)
@@ -149,7 +264,7 @@ class Worker:
                 log.warning("dropping an unparseable %s", cls.__name__)
                 continue
             try:
-                handler(msg)
+                handler(msg, *args)
             except Exception:  # a bug must not take the worker (and its streams) down
                 log.exception("failed to handle a %s", cls.__name__)
 
@@ -159,53 +274,97 @@ class Worker:
         except zmq.Again:
             pass  # a heartbeat while the gateway is away: the next one will do
 
-    def _send_engine(self, msg: ipc_pb2.WorkerToEngine, block: bool = True) -> None:
+    @staticmethod
+    def _send_engine(eng: EngineLink, msg: ipc_pb2.WorkerToEngine, block: bool = True) -> None:
         try:
-            self.eng.send(msg.SerializeToString(), 0 if block else zmq.NOBLOCK)
+            eng.sock.send(msg.SerializeToString(), 0 if block else zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def _abort_in_engines(self, seqs: Sequence[tuple[EngineLink, str]]) -> None:
+        """Abort engine sequence ids, one message per engine."""
+        by_engine: dict[int, list[str]] = {}
+        for eng, sid in seqs:
+            by_engine.setdefault(eng.index, []).append(sid)
+        for i, ids in by_engine.items():
+            abort = ipc_pb2.AbortRequests(request_ids=ids)
+            self._send_engine(self.engines[i], ipc_pb2.WorkerToEngine(abort=abort))
 
     # -- status ----------------------------------------------------------------------------
     @property
     def engine_ready(self) -> bool:
-        return (
-            self.engine_status is not None
-            and self.engine_status.ready
-            and time.monotonic() - self.engine_seen < DEAD_AFTER_S
-        )
+        return any(e.ready for e in self.engines)
 
     @property
     def ready(self) -> bool:
         return self.engine_ready and self.tokenizer is not None
 
+    def engine_info(self) -> ipc_pb2.EngineInfo | None:
+        """What the ready engines serve, as requests are checked against it: the first one's
+        info with the smallest context and the summed capacity."""
+        ready = [e for e in self.engines if e.ready]
+        if not ready:
+            return None
+        info = ipc_pb2.EngineInfo()
+        info.CopyFrom(ready[0].status.info)
+        info.max_model_len = min(e.status.info.max_model_len for e in ready)
+        info.num_kv_blocks = sum(e.status.info.num_kv_blocks for e in ready)
+        info.max_waiting = sum(e.status.info.max_waiting for e in ready)
+        return info
+
     def _heartbeat(self, now: float) -> None:
-        self._send_engine(
-            ipc_pb2.WorkerToEngine(hello=ipc_pb2.Hello(worker_id=self.worker_id)), False
-        )
-        if self.engine_status is not None and not self.engine_ready and self.active:
-            self._fail_all(ipc_pb2.UNAVAILABLE, "the engine stopped answering")
+        hello = ipc_pb2.WorkerToEngine(hello=ipc_pb2.Hello(worker_id=self.worker_id))
+        for e in self.engines:
+            self._send_engine(e, hello, False)
+            if e.status is not None and not e.alive:
+                self._fail_engine(e, "the engine stopped answering")
         st = ipc_pb2.WorkerStatus(
             worker_id=self.worker_id,
             tokenizer_ready=self.tokenizer is not None,
             engine_ready=self.engine_ready,
             num_active=len(self.active),
             has_chat_template=bool(self.tokenizer is not None and self.tokenizer.chat_template),
+            engines=[e.state() for e in self.engines],
         )
-        if self.engine_status is not None:
-            st.engine.CopyFrom(self.engine_status.info)
-            st.stats.CopyFrom(self.engine_status.stats)
-            st.engine_instance = self.engine_status.instance
+        info = self.engine_info()
+        if info is not None:
+            st.engine.CopyFrom(info)
         self._send_gateway(ipc_pb2.WorkerToGateway(status=st), False)
 
-    def _on_engine_status(self, st: ipc_pb2.EngineStatus) -> None:
-        old = self.engine_status
-        if old is not None and old.instance != st.instance and self.active:
-            # A new engine process knows nothing of what the old one was running.
-            self._fail_all(ipc_pb2.UNAVAILABLE, "the engine restarted")
-        self.engine_status = st
-        self.engine_seen = time.monotonic()
-        if st.ready and self.tokenizer is None and not self.tokenizer_error:
+    def _on_engine_status(self, st: ipc_pb2.EngineStatus, eng: EngineLink) -> None:
+        old = eng.status
+        if old is not None and old.instance != st.instance:
+            # A new engine process knows nothing of what the old one was running or cached.
+            self._fail_engine(eng, "the engine restarted")
+            eng.prefixes.clear()
+            eng.refused = ""
+        eng.status = st
+        eng.seen = time.monotonic()
+        eng.sent = 0
+        if st.ready and not eng.refused:
+            eng.refused = self._model_mismatch(eng)
+            if eng.refused:
+                log.error("worker %s: not using %s: %s", self.worker_id, eng.address, eng.refused)
+        if st.ready and not eng.refused and self.tokenizer is None and not self.tokenizer_error:
             self._load_tokenizer(self.tokenizer_path or st.info.model_path)
+
+    def _model_mismatch(self, eng: EngineLink) -> str:
+        """Why ``eng`` cannot be a replica of the engines already in use ('' if it can)."""
+        info = eng.status.info
+        for other in self.engines:
+            if other is eng or not other.ready:
+                continue
+            o = other.status.info
+            if (o.model_id, o.vocab_size, list(o.eos_token_ids)) != (
+                info.model_id,
+                info.vocab_size,
+                list(info.eos_token_ids),
+            ):
+                return (
+                    f"it serves {info.model_id!r} (vocabulary {info.vocab_size}), but "
+                    f"{other.address} serves {o.model_id!r} (vocabulary {o.vocab_size})"
+                )
+        return ""
 
     def _load_tokenizer(self, path: str) -> None:
         try:
@@ -218,32 +377,33 @@ class Worker:
         log.info("worker %s: tokenizer loaded from %s", self.worker_id, path)
 
     # -- engine -> worker ------------------------------------------------------------------
-    def _on_engine(self, msg: ipc_pb2.EngineToWorker) -> None:
+    def _on_engine(self, msg: ipc_pb2.EngineToWorker, eng: EngineLink) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "status":
-            self._on_engine_status(msg.status)
+            self._on_engine_status(msg.status, eng)
         elif kind == "step":
-            self._on_step(msg.step)
+            self._on_step(msg.step, eng)
 
-    def _lookup(self, engine_rid: str) -> _Active | None:
+    def _lookup(self, engine_rid: str, eng: EngineLink) -> _Active | None:
         act = self.active.get(self.by_engine.get(engine_rid, ""))
-        return act if act is not None and act.engine_rid == engine_rid else None
+        ok = act is not None and act.engine_rid == engine_rid and act.engine is eng
+        return act if ok else None
 
     def _forget(self, act: _Active) -> None:
         self.active.pop(act.request.request_id, None)
         self.by_engine.pop(act.engine_rid, None)
 
-    def _on_step(self, step: ipc_pb2.StepOutputs) -> None:
+    def _on_step(self, step: ipc_pb2.StepOutputs, eng: EngineLink) -> None:
         batch = ipc_pb2.WorkerBatch()
         for err in step.errors:
-            act = self._lookup(err.request_id)
+            act = self._lookup(err.request_id, eng)
             if act is not None:
                 self._forget(act)
                 rid = act.request.request_id
                 batch.errors.add(request_id=rid, code=err.code, message=err.message)
         stale: list[str] = []
         for out in step.outputs:
-            act = self._lookup(out.request_id)
+            act = self._lookup(out.request_id, eng)
             if act is None or out.index >= len(act.seqs) or act.seqs[out.index].finished:
                 # Not ours any more (aborted, stopped): make sure the engine drops it too.
                 stale.append(out.request_id)  # the engine expands a parent id to its siblings
@@ -263,9 +423,7 @@ class Worker:
             if act.done:
                 self._forget(act)
         if stale:
-            self._send_engine(
-                ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=stale))
-            )
+            self._abort_in_engines([(eng, sid) for sid in stale])
         if batch.deltas or batch.errors:
             self._send_gateway(ipc_pb2.WorkerToGateway(batch=batch))
 
@@ -292,9 +450,7 @@ class Worker:
             finish = ipc_pb2.FINISH_STOP_SEQUENCE
             d.stop_str = seq.detok.matched_stop or ""
             if out.finish_reason == ipc_pb2.FINISH_NONE:  # the engine would go on: stop it
-                self._send_engine(
-                    ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=[seq.engine_id]))
-                )
+                self._abort_in_engines([(act.engine, seq.engine_id)])
         elif finish != ipc_pb2.FINISH_NONE:
             text += seq.detok.finish()
             if seq.detok.stopped:  # the flush completed a stop string (held-back bytes)
@@ -328,14 +484,13 @@ class Worker:
 
     def _abort(self, request_ids) -> None:
         """Stop these requests in the engine and forget them (no reply to anyone)."""
-        ids = []
+        seqs = []
         for rid in request_ids:
             act = self.active.get(rid)
             if act is not None:
                 self._forget(act)
-                ids.extend(s.engine_id for s in act.seqs if not s.finished)
-        if ids:
-            self._send_engine(ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=ids)))
+                seqs.extend((act.engine, s.engine_id) for s in act.seqs if not s.finished)
+        self._abort_in_engines(seqs)
 
     def _on_gateway_events(self, sock: zmq.Socket) -> None:
         while True:
@@ -349,11 +504,9 @@ class Worker:
                     self.worker_id,
                     len(self.active),
                 )
-                ids = [s.engine_id for a in self.active.values() for s in a.seqs if not s.finished]
-                if ids:
-                    self._send_engine(
-                        ipc_pb2.WorkerToEngine(abort=ipc_pb2.AbortRequests(request_ids=ids))
-                    )
+                self._abort_in_engines(
+                    [(a.engine, q.engine_id) for a in self.active.values() for q in a.seqs]
+                )
                 # Queued for whichever gateway connects next: a new one ignores ids it does
                 # not know; the same one after a dropped connection fails the streams it holds.
                 self._fail_all(
@@ -370,10 +523,8 @@ class Worker:
             if rid in self.active:
                 raise InvalidRequestError(f"request id {rid!r} is already in flight")
             ids, params = self._encode(req)
-            erid = f"{rid}@{next(self._serial)}"
-            act = _Active(req, ids, erid)
-            n = params.n or 1
-            for i in range(n):
+            act = _Active(req, ids, "", params)
+            for _ in range(params.n or 1):
                 detok = IncrementalDetokenizer(
                     self.tokenizer,
                     ids,
@@ -381,7 +532,7 @@ class Worker:
                     stop=list(req.stop),
                     include_stop_str_in_output=req.include_stop_str_in_output,
                 )
-                act.seqs.append(_Seq(detok, erid if n == 1 else f"{erid}#{i}"))
+                act.seqs.append(_Seq(detok, ""))
         except _Unavailable as e:
             return self._error(rid, ipc_pb2.UNAVAILABLE, str(e))
         except InvalidRequestError as e:
@@ -390,11 +541,30 @@ class Worker:
             log.exception("request %s failed in the tokenizer", rid)
             return self._error(rid, ipc_pb2.INTERNAL, f"tokenizer error: {type(e).__name__}: {e}")
         self.active[rid] = act
-        self.by_engine[erid] = rid
+        self._submit(act, [e for e in self.engines if e.ready])  # not empty: self.ready
+
+    def _submit(self, act: _Active, engines: list[EngineLink]) -> None:
+        """Send ``act`` to one of ``engines`` under a fresh engine id."""
+        if len(engines) == 1:
+            eng = engines[0]
+        else:
+            chain = prefix_chain(act.prompt_ids, engines[0].status.info.block_size)
+            eng = route(engines, chain)
+            eng.remember(chain)
+        eng.sent += len(act.seqs)
+        self.by_engine.pop(act.engine_rid, None)
+        rid = act.request.request_id
+        act.engine, act.engine_rid = eng, f"{rid}@{next(self._serial)}"
+        self.by_engine[act.engine_rid] = rid
+        for i, seq in enumerate(act.seqs):
+            seq.engine_id = act.engine_rid if len(act.seqs) == 1 else f"{act.engine_rid}#{i}"
         add = ipc_pb2.AddRequest(
-            request_id=erid, prompt_token_ids=ids, params=params, priority=req.priority
+            request_id=act.engine_rid,
+            prompt_token_ids=act.prompt_ids,
+            params=act.params,
+            priority=act.request.priority,
         )
-        self._send_engine(ipc_pb2.WorkerToEngine(add=add))
+        self._send_engine(eng, ipc_pb2.WorkerToEngine(add=add))
 
     def _encode(self, req: ipc_pb2.TextRequest) -> tuple[list[int], ipc_pb2.SamplingParams]:
         tok = self.tokenizer
@@ -422,7 +592,7 @@ class Worker:
 
     def _check_length(self, ids: list[int], params: ipc_pb2.SamplingParams) -> int:
         """Raise for a prompt the engine cannot take; returns the room left for output."""
-        info = self.engine_status.info
+        info = self.engine_info()
         if not ids:
             raise InvalidRequestError("the prompt is empty (it has no tokens)")
         bad = [t for t in ids if t >= info.vocab_size]
@@ -452,7 +622,10 @@ class Worker:
             kind = call.WhichOneof("input")
             if kind == "detokenize":
                 ids = list(call.detokenize.ids)
-                vocab = self.engine_status.info.vocab_size
+                info = self.engine_info()
+                if info is None:
+                    raise _Unavailable("no engine is ready")
+                vocab = info.vocab_size
                 bad = [t for t in ids if t >= vocab]
                 if bad:
                     raise InvalidRequestError(
@@ -471,6 +644,8 @@ class Worker:
             res.tokens.extend(self._token_text(i) for i in ids)
         except InvalidRequestError as e:
             res.error, res.error_message = ipc_pb2.INVALID_ARGUMENT, str(e)
+        except _Unavailable as e:
+            res.error, res.error_message = ipc_pb2.UNAVAILABLE, str(e)
         except Exception as e:
             log.exception("tokenize call failed")
             res.error, res.error_message = ipc_pb2.INTERNAL, f"{type(e).__name__}: {e}"
@@ -481,12 +656,41 @@ class Worker:
         self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=[err])))
 
     def _fail_all(self, code: int, message: str, block: bool = True) -> None:
-        errs = [
-            ipc_pb2.RequestError(request_id=rid, code=code, message=message) for rid in self.active
-        ]
-        self.active.clear()
-        self.by_engine.clear()
-        self._send_gateway(ipc_pb2.WorkerToGateway(batch=ipc_pb2.WorkerBatch(errors=errs)), block)
+        self._fail(list(self.active.values()), code, message, block)
+
+    def _fail_engine(self, eng: EngineLink, message: str) -> None:
+        """``eng`` died or restarted: its requests that have streamed nothing yet go to another
+        ready engine (the client cannot tell), the rest fail with UNAVAILABLE."""
+        acts = [a for a in self.active.values() if a.engine is eng]
+        others = [e for e in self.engines if e.ready and e is not eng]
+        failed = []
+        for act in acts:
+            if others and not any(q.sent_first for q in act.seqs):
+                self._submit(act, others)
+            else:
+                failed.append(act)
+        if len(acts) > len(failed):
+            log.warning(
+                "worker %s: %s: %d requests sent to other engines, %d failed",
+                self.worker_id,
+                f"{message} ({eng.address})",
+                len(acts) - len(failed),
+                len(failed),
+            )
+        if failed:
+            if len(self.engines) > 1:
+                message = f"{message} ({eng.address})"
+            self._fail(failed, ipc_pb2.UNAVAILABLE, message)
+
+    def _fail(self, acts: list[_Active], code: int, message: str, block: bool = True) -> None:
+        errs = []
+        for act in acts:
+            self._forget(act)
+            rid = act.request.request_id
+            errs.append(ipc_pb2.RequestError(request_id=rid, code=code, message=message))
+        if errs:
+            batch = ipc_pb2.WorkerBatch(errors=errs)
+            self._send_gateway(ipc_pb2.WorkerToGateway(batch=batch), block)
 
 
 class _Unavailable(Exception):

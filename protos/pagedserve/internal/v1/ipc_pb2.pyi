@@ -245,24 +245,36 @@ class WorkerBatch(_message.Message):
     def __init__(self, deltas: _Optional[_Iterable[_Union[TextDelta, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "tokenizer_ready", "engine_ready", "engine", "num_active", "engine_instance", "stats", "has_chat_template")
+    __slots__ = ("worker_id", "tokenizer_ready", "engine_ready", "engine", "num_active", "has_chat_template", "engines")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_READY_FIELD_NUMBER: _ClassVar[int]
     ENGINE_READY_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_FIELD_NUMBER: _ClassVar[int]
-    ENGINE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
-    STATS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     tokenizer_ready: bool
     engine_ready: bool
     engine: EngineInfo
     num_active: int
-    engine_instance: str
-    stats: EngineStats
     has_chat_template: bool
-    def __init__(self, worker_id: _Optional[str] = ..., tokenizer_ready: _Optional[bool] = ..., engine_ready: _Optional[bool] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., num_active: _Optional[int] = ..., engine_instance: _Optional[str] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    engines: _containers.RepeatedCompositeFieldContainer[EngineState]
+    def __init__(self, worker_id: _Optional[str] = ..., tokenizer_ready: _Optional[bool] = ..., engine_ready: _Optional[bool] = ..., engine: _Optional[_Union[EngineInfo, _Mapping]] = ..., num_active: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., engines: _Optional[_Iterable[_Union[EngineState, _Mapping]]] = ...) -> None: ...
+
+class EngineState(_message.Message):
+    __slots__ = ("address", "ready", "instance", "stats", "error")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ready: bool
+    instance: str
+    stats: EngineStats
+    error: str
+    def __init__(self, address: _Optional[str] = ..., ready: _Optional[bool] = ..., instance: _Optional[str] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WorkerToGateway(_message.Message):
     __slots__ = ("batch", "tokenize", "status")
