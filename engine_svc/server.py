@@ -161,7 +161,7 @@ class EngineIO(threading.Thread):
                 self._send_status(router, ident)
 
     def _send_status(self, router: zmq.Socket, ident: bytes) -> None:
-        msg = ipc_pb2.EngineToWorker(status=self.status_fn())
+        msg = ipc_pb2.EngineToWorker(status=self.status_fn(ident))
         router.send_multipart([ident, msg.SerializeToString()])
 
 
@@ -178,6 +178,7 @@ class EngineServer:
         self.stats = ipc_pb2.EngineStats()
         self.load_error = ""
         self._owners: dict[str, _Owner] = {}  # engine sequence id -> who asked
+        self._seqs_added: dict[bytes, int] = {}  # worker -> sequences taken in (EngineStatus)
         self._stop = threading.Event()
         self.ctx = zmq.Context()
         self.io = EngineIO(self.ctx, address, self._status)
@@ -229,11 +230,15 @@ class EngineServer:
             info.bos_token_id = mc.bos_token_id
         return info
 
-    def _status(self) -> ipc_pb2.EngineStatus:
+    def _status(self, ident: bytes = b"") -> ipc_pb2.EngineStatus:
         # Read from the IO thread: plain ints, a slightly stale view is fine.
         ready = self.engine is not None
         st = ipc_pb2.EngineStatus(
-            ready=ready, instance=self.instance, error=self.load_error, info=self.info
+            ready=ready,
+            instance=self.instance,
+            error=self.load_error,
+            info=self.info,
+            seqs_added=self._seqs_added.get(ident, 0),
         )
         if ready:
             bm = self.engine.block_manager
@@ -274,6 +279,9 @@ class EngineServer:
             kind = "gone" if msg is None else msg.WhichOneof("kind")
             if kind == "add":
                 err = self._add(ident, msg.add)
+                # Counted whether or not it was accepted: it is no longer on its way.
+                n = self._seqs_added.get(ident, 0) + max(msg.add.params.n, 1)
+                self._seqs_added[ident] = n
                 if err is not None:
                     errors.setdefault(ident, []).append(err)
             elif kind == "abort":

@@ -41,24 +41,28 @@ class _EngineCollector:
         workers = GaugeMetricFamily("pagedserve_tokenizer_workers_ready", "ready tokenizer workers")
         workers.add_metric([], float(len(self.pool.ready_workers())))
         yield workers
-        # One series per engine (data-parallel replicas), labelled by the workers' address.
+        # One series per engine (data-parallel replicas), labelled by its place in the
+        # workers' engine list; the stats of an engine that is not ready are left out (stale).
         up = GaugeMetricFamily(
-            "pagedserve_engine_ready", "1 when the engine takes requests", labels=["engine"]
+            "pagedserve_engine_ready",
+            "1 when the engine takes requests (address: where the workers connect)",
+            labels=["engine", "address"],
         )
-        for address, e in engines.items():
-            up.add_metric([address], 1.0 if e.ready else 0.0)
+        for i, e in engines.items():
+            up.add_metric([str(i), e.address], 1.0 if e.ready else 0.0)
         yield up
+        live = {str(i): e.stats for i, e in engines.items() if e.ready}
         for name, doc in _ENGINE_GAUGES.items():
             g = GaugeMetricFamily(f"pagedserve_engine_{name}", doc, labels=["engine"])
-            for address, e in engines.items():
-                g.add_metric([address], float(getattr(e.stats, name)))
+            for i, stats in live.items():
+                g.add_metric([i], float(getattr(stats, name)))
             yield g
         for name, doc in _ENGINE_COUNTERS.items():
             c = CounterMetricFamily(
                 f"pagedserve_engine_{name.removesuffix('_total')}", doc, labels=["engine"]
             )
-            for address, e in engines.items():
-                c.add_metric([address], float(getattr(e.stats, name)))
+            for i, stats in live.items():
+                c.add_metric([i], float(getattr(stats, name)))
             yield c
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
+import ssl
 from dataclasses import dataclass, field
 
 import grpc
@@ -30,6 +32,53 @@ class PortInUseError(OSError):
     """The gRPC port cannot be bound (taken, or a bad host)."""
 
 
+class TlsConfigError(ValueError):
+    """The TLS files cannot be read or do not make a usable server credential."""
+
+
+@dataclass(slots=True)
+class TlsConfig:
+    """PEM files: the server's certificate chain and key, and optionally the CA that client
+    certificates must be signed by (mutual TLS: clients without one are refused)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str, what: str) -> bytes:
+            try:
+                data = open(path, "rb").read()
+            except OSError as e:
+                raise TlsConfigError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
+            if b"-----BEGIN " not in data:
+                raise TlsConfigError(f"the TLS {what} {path} is not PEM")
+            return data
+
+        chain, key = read(self.cert, "certificate"), read(self.key, "key")
+        ca = read(self.client_ca, "client CA") if self.client_ca else None
+        # grpc reports a key that does not match the certificate only as a failed bind;
+        # Python's ssl module (OpenSSL) says what is wrong.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except ssl.SSLError as e:
+            raise TlsConfigError(
+                f"the TLS certificate {self.cert} and key {self.key} do not make a pair: "
+                f"{e.reason or e}"
+            ) from None
+        if self.client_ca:
+            try:
+                ctx.load_verify_locations(self.client_ca)
+            except ssl.SSLError as e:
+                raise TlsConfigError(
+                    f"the TLS client CA {self.client_ca} is not usable: {e.reason or e}"
+                ) from None
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+
 @dataclass(slots=True)
 class GatewayConfig:
     host: str = "localhost"
@@ -42,6 +91,8 @@ class GatewayConfig:
     metrics_port: int = 0  # 0 = no metrics endpoint
     limits: Limits = field(default_factory=Limits)
     grace_s: float = 5.0
+    tls: TlsConfig | None = None  # None: plaintext
+    ready_file: str | None = None  # touched while SERVING, removed otherwise (for `up`)
 
 
 def _safe(cls):
@@ -144,9 +195,13 @@ class Gateway:
         )
         await self._set_health(False)
         self.pool.on_health_change = lambda ready: asyncio.ensure_future(self._set_health(ready))
+        creds = c.tls.credentials() if c.tls is not None else None  # bad files fail first
         await self.pool.start()
         try:
-            self.bound_port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+            if creds is None:
+                self.bound_port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+            else:
+                self.bound_port = self.server.add_secure_port(f"{c.host}:{c.port}", creds)
         except RuntimeError as e:  # grpc raises this when the port is taken
             raise PortInUseError(f"cannot listen on {c.host}:{c.port}: {e}") from None
         if self.bound_port == 0:
@@ -155,7 +210,11 @@ class Gateway:
         if c.metrics_port:
             self.metrics.serve(c.metrics_host, c.metrics_port)
         log.info(
-            "gateway listening on %s:%d (workers at %s)", c.host, self.bound_port, c.workers_address
+            "gateway listening on %s:%d (%s; workers at %s)",
+            c.host,
+            self.bound_port,
+            "plaintext" if c.tls is None else "TLS" if not c.tls.client_ca else "mutual TLS",
+            c.workers_address,
         )
 
     async def _set_health(self, ready: bool) -> None:
@@ -166,6 +225,16 @@ class Gateway:
         )
         await self.health.set("", status)
         await self.health.set(SERVICE, status)
+        if self.config.ready_file:
+            try:
+                if ready:
+                    open(self.config.ready_file, "w").close()
+                else:
+                    os.unlink(self.config.ready_file)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot update %s: %s", self.config.ready_file, e)
 
     async def stop(self) -> None:
         await self._set_health(False)

@@ -115,13 +115,13 @@ class WorkerPool:
         """Whether the ready workers' tokenizer has a chat template (they share one model)."""
         return any(w.status.has_chat_template for w in self.ready_workers())
 
-    def engine_states(self) -> dict[str, ipc_pb2.EngineState]:
-        """Each engine (by the address workers connect to) as the ready worker heard most
-        recently reports it."""
-        out: dict[str, ipc_pb2.EngineState] = {}
+    def engine_states(self) -> dict[int, ipc_pb2.EngineState]:
+        """Each engine, by its place in the workers' engine list (their --engine flags, in
+        order), as the ready worker heard most recently reports it."""
+        out: dict[int, ipc_pb2.EngineState] = {}
         for w in sorted(self.ready_workers(), key=lambda w: w.last_seen):
-            for e in w.status.engines:
-                out[e.address] = e
+            for i, e in enumerate(w.status.engines):
+                out[i] = e
         return out
 
     def pick(self) -> WorkerState | None:

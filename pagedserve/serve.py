@@ -81,7 +81,23 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         help="port of the Prometheus /metrics endpoint (0 = off)",
     )
     g.add_argument("--metrics-host", default="localhost", help="interface of the metrics endpoint")
+    g.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve gRPC over TLS with this certificate chain, whose private key is the "
+        "TLS key below (default: plaintext)",
+    )
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the TLS private key")
+    g.add_argument(
+        "--tls-client-ca",
+        default=None,
+        metavar="PEM",
+        help="mutual TLS: clients must present a certificate signed by this CA (with a TLS "
+        "certificate and key)",
+    )
     if standalone:
+        g.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
         g.add_argument(
             "--listen",
             default=DEFAULT_GATEWAY_ADDRESS,
@@ -184,6 +200,24 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
 
 
 # -- gateway -----------------------------------------------------------------------------------
+def tls_config(a: argparse.Namespace):
+    """The gateway's TlsConfig from its flags, or None for plaintext; exits 2 on a bad mix."""
+    from gateway.server import TlsConfig
+
+    if a.tls_cert is None and a.tls_key is None:
+        if a.tls_client_ca is not None:
+            _usage_error("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if a.tls_cert is None or a.tls_key is None:
+        _usage_error("--tls-cert and --tls-key go together")
+    return TlsConfig(a.tls_cert, a.tls_key, a.tls_client_ca)
+
+
+def _usage_error(message: str):
+    print(f"pagedserve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: int):
     from gateway.requests import Limits
     from gateway.server import GatewayConfig
@@ -201,19 +235,21 @@ def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: 
         metrics_host=a.metrics_host,
         metrics_port=a.metrics_port,
         limits=Limits(max_prompt_chars=a.max_prompt_chars, default_max_tokens=a.default_max_tokens),
+        tls=tls_config(a),
+        ready_file=getattr(a, "ready_file", None),
     )
 
 
 def cmd_gateway(a: argparse.Namespace) -> int:
     import asyncio
 
-    from gateway.server import Gateway, PortInUseError
+    from gateway.server import Gateway, PortInUseError, TlsConfigError
 
     setup_logging(a.log_level, "gateway")
     cfg = gateway_config(a, a.listen, a.expect_workers)
     try:
         asyncio.run(Gateway(cfg).serve_forever())
-    except PortInUseError as e:
+    except (PortInUseError, TlsConfigError) as e:
         print(f"pagedserve: error: {e}", file=sys.stderr)
         return 2  # a configuration error: the supervisor does not retry it
     return 0
@@ -237,6 +273,20 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
     for k in a.api_key or []:
         gw += ["--api-key", k]
+    tls = tls_config(a)  # checked here, so bad TLS flags stop `up` before anything starts
+    if tls is not None:
+        from gateway.server import TlsConfigError
+
+        try:
+            tls.credentials()
+        except TlsConfigError as e:
+            _usage_error(str(e))
+        gw += ["--tls-cert", tls.cert, "--tls-key", tls.key]
+        if tls.client_ca:
+            gw += ["--tls-client-ca", tls.client_ca]
+    ready_file = run_dir / "gateway.ready"
+    ready_file.unlink(missing_ok=True)  # a run directory given again: not ready yet
+    gw += ["--ready-file", str(ready_file)]
     engine_flags = [f for e in addr.engines for f in ("--engine", e)]
     sup = Supervisor(
         [
@@ -263,7 +313,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     )
     where = f"{a.host}:{a.port}"
     announce = threading.Thread(
-        target=_announce_when_serving, args=(where, a, addr.engines), daemon=True
+        target=_announce_when_serving, args=(where, a, addr.engines, ready_file), daemon=True
     )
     announce.start()
     try:
@@ -290,36 +340,40 @@ def _engine_children(
         ]
     argv = list(engine_argv)
     if a.num_threads is None and a.device != "cuda":
-        argv += ["--num-threads", str(max(1, (os.cpu_count() or 1) // dp))]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(k) for k in range(dp)]
-    if len(devices) < dp and a.device != "cpu":
-        log.warning("%d replicas share %d visible GPUs", dp, len(devices))
+        argv += ["--num-threads", str(max(1, len(os.sched_getaffinity(0)) // dp))]
+    devices = _visible_gpus() if a.device != "cpu" else []
+    if devices and len(devices) < dp:
+        log.warning("%d engine replicas share %d GPUs", dp, len(devices))
     children = []
     for k, address in enumerate(addresses):
         env = None
-        if a.device != "cpu":  # auto or cuda: each replica sees one device (if there are GPUs)
+        if devices:  # each replica sees one device
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices[k % len(devices)])
         argv_k = python_argv("engine", "--listen", address, "--index", str(k), *argv, *log_args)
         children.append(Child(f"engine {k}", argv_k, env=env))
     return children
 
 
-def _announce_when_serving(where: str, a: argparse.Namespace, engines: list[str]) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries ([] for none)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # set, even to "": the user's choice
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        import torch
 
-    target = where.replace("0.0.0.0", "127.0.0.1")
-    with grpc.insecure_channel(target) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+        return [str(k) for k in range(torch.cuda.device_count())]
+    except Exception:  # no torch build with CUDA: no GPUs
+        return []
+
+
+def _announce_when_serving(
+    where: str, a: argparse.Namespace, engines: list[str], ready_file: Path
+) -> None:
+    # The gateway keeps ready_file while its health says SERVING (with TLS, a health call
+    # from here could not verify a certificate made for another host name).
+    while not ready_file.exists():
+        time.sleep(0.5)
     # Health turns SERVING with the first ready replica; the announcement waits for all.
     while len(engines) > 1 and not all(_engine_ready(e, 2.0) for e in engines):
         time.sleep(0.5)
@@ -327,9 +381,16 @@ def _announce_when_serving(where: str, a: argparse.Namespace, engines: list[str]
         f", metrics on http://{a.metrics_host}:{a.metrics_port}/metrics" if a.metrics_port else ""
     )
     replicas = f", {len(engines)} engine replicas" if len(engines) > 1 else ""
+    if a.tls_cert is None:
+        security, flags = "plaintext", "-plaintext"
+    else:
+        security = "mutual TLS" if a.tls_client_ca else "TLS"
+        flags = "-cacert CA.pem" + (
+            " -cert CLIENT.pem -key CLIENT-KEY.pem" if a.tls_client_ca else ""
+        )
     print(
-        f"pagedserve is serving on {where} (gRPC, plaintext){replicas}{metrics}\n"
-        f'  try: grpcurl -plaintext -d \'{{"text": "Hello", "max_tokens": 16}}\' '
+        f"pagedserve is serving on {where} (gRPC, {security}){replicas}{metrics}\n"
+        f'  try: grpcurl {flags} -d \'{{"text": "Hello", "max_tokens": 16}}\' '
         f"{where} pagedserve.v1.Inference/Generate\n  Ctrl-C stops everything.",
         file=sys.stderr,
         flush=True,
@@ -373,7 +434,7 @@ def cmd_health(a: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(a.target) as ch:
+    with _channel(a) as ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout
@@ -422,6 +483,29 @@ def _engine_status(address: str, timeout: float):
         ctx.term()
 
 
+def _channel(a: argparse.Namespace):
+    """A channel to ``a.target``: plaintext, or TLS with --tls / --tls-ca (and a client
+    certificate for mutual TLS)."""
+    import grpc
+
+    if not (a.tls or a.tls_ca or a.tls_cert):
+        return grpc.insecure_channel(a.target)
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return open(path, "rb").read()
+        except OSError as e:
+            _usage_error(f"cannot read {path}: {e.strerror}")
+
+    if (a.tls_cert is None) != (a.tls_key is None):
+        _usage_error("--tls-cert and --tls-key go together")
+    creds = grpc.ssl_channel_credentials(read(a.tls_ca), read(a.tls_key), read(a.tls_cert))
+    options = [("grpc.ssl_target_name_override", a.tls_server_name)] if a.tls_server_name else []
+    return grpc.secure_channel(a.target, creds, options)
+
+
 def add_health_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target", default="localhost:50051", help="gateway address (host:port) to check"
@@ -433,3 +517,17 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
         help="check an engine's ZeroMQ address instead (e.g. tcp://127.0.0.1:5560)",
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    g = p.add_argument_group("TLS (a gateway started with --tls-cert)")
+    g.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system CAs")
+    g.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="connect over TLS, trusting this CA"
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=None,
+        help="the name the server's certificate must carry, if not the target's host",
+    )
+    g.add_argument(
+        "--tls-cert", default=None, metavar="PEM", help="client certificate, for mutual TLS"
+    )
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the client certificate's key")

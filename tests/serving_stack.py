@@ -36,10 +36,16 @@ class Stack:
     api_key: str | None  # None: the server was started without a key
     run_dir: Path
     log_path: Path
+    creds: grpc.ChannelCredentials | None = None  # a server started with --tls-cert
 
     @property
     def target(self) -> str:
         return f"localhost:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        if self.creds is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.creds)
 
     @property
     def auth(self) -> tuple[tuple[str, str], ...]:
@@ -84,11 +90,16 @@ class Stack:
 
 
 def start_stack(
-    tmp: Path, *extra: str, timeout: float = 300.0, api_key: str | None = "test-key"
+    tmp: Path,
+    *extra: str,
+    timeout: float = 300.0,
+    api_key: str | None = "test-key",
+    creds: grpc.ChannelCredentials | None = None,
 ) -> Stack:
     """``pagedserve up`` on free ports with ``extra`` flags, once health says SERVING.
 
-    ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY)."""
+    ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY); ``creds``
+    are the client's TLS credentials for a server started with ``--tls-cert`` in ``extra``."""
     port, metrics_port = free_port(), free_port()
     run_dir = tmp / "run"
     log_path = tmp / "up.log"
@@ -105,14 +116,14 @@ def start_stack(
         env.pop("PAGEDSERVE_API_KEY", None)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path)
+    stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path, creds)
     wait_serving(stack, timeout)
     return stack
 
 
 def wait_serving(stack: Stack, timeout: float) -> None:
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(stack.target) as ch:
+    with stack.channel() as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < end:
             if stack.proc.poll() is not None:

@@ -7,7 +7,7 @@ engine (identity = worker id) and runs a single-threaded poll loop: tokenizing i
 the GIL would serialize threads anyway.
 
 Several engines are data-parallel replicas of one model: the worker sends each request to one
-of them (``Router``: prefix-cache affinity within a load margin) and it stays there.
+of them (``route``: prefix-cache affinity within a load margin) and it stays there.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class EngineLink:
         self.sock: zmq.Socket | None = None
         self.status: ipc_pb2.EngineStatus | None = None
         self.seen = 0.0
-        self.sent = 0  # sequences added since its last status (not in its stats yet)
+        self.sent = 0  # sequences sent to this engine process (compare status.seqs_added)
         self.refused = ""  # why it is not used although ready: it serves another model
         self.key = zlib.crc32(address.encode())  # the same in every worker process
         self.prefixes: OrderedDict[int, None] = OrderedDict()
@@ -67,8 +67,12 @@ class EngineLink:
 
     @property
     def load(self) -> int:
-        s = self.status.stats if self.status is not None else ipc_pb2.EngineStats()
-        return s.num_running + s.num_waiting + self.sent
+        """Sequences running or waiting there, plus those this worker sent that it has not
+        taken in yet (an engine reads its inbox between steps)."""
+        if self.status is None:
+            return self.sent
+        s = self.status.stats
+        return s.num_running + s.num_waiting + max(self.sent - self.status.seqs_added, 0)
 
     def matched(self, chain: Sequence[int]) -> int:
         """Leading prompt blocks of ``chain`` that were sent here (and may still be cached)."""
@@ -171,6 +175,7 @@ class Worker:
         self.tokenizer_path = tokenizer_path  # None: the path the engine reports
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_error = ""
+        self.model: tuple | None = None  # (model id, vocab size, EOS ids) of the tokenizer's
         self.active: dict[str, _Active] = {}  # by the client's request id
         self.by_engine: dict[str, str] = {}  # engine_rid -> client request id
         self._serial = itertools.count()
@@ -218,7 +223,10 @@ class Worker:
                         self._drain(sock, ipc_pb2.EngineToWorker, self._on_engine, eng)
                 # A disconnect first: messages already read from a reconnected gateway are new.
                 if gw_events in events:
-                    self._on_gateway_events(gw_events)
+                    try:
+                        self._on_gateway_events(gw_events)
+                    except Exception:  # a bug must not take the worker down
+                        log.exception("failed to handle a gateway socket event")
                 if self.gw in events:
                     self._drain(self.gw, ipc_pb2.GatewayToWorker, self._on_gateway)
                 now = time.monotonic()
@@ -281,14 +289,14 @@ class Worker:
         except zmq.Again:
             pass
 
-    def _abort_in_engines(self, seqs: Sequence[tuple[EngineLink, str]]) -> None:
+    def _abort_in_engines(self, seqs: Sequence[tuple[EngineLink, str]], block: bool = True) -> None:
         """Abort engine sequence ids, one message per engine."""
         by_engine: dict[int, list[str]] = {}
         for eng, sid in seqs:
             by_engine.setdefault(eng.index, []).append(sid)
         for i, ids in by_engine.items():
             abort = ipc_pb2.AbortRequests(request_ids=ids)
-            self._send_engine(self.engines[i], ipc_pb2.WorkerToEngine(abort=abort))
+            self._send_engine(self.engines[i], ipc_pb2.WorkerToEngine(abort=abort), block)
 
     # -- status ----------------------------------------------------------------------------
     @property
@@ -299,10 +307,11 @@ class Worker:
     def ready(self) -> bool:
         return self.engine_ready and self.tokenizer is not None
 
-    def engine_info(self) -> ipc_pb2.EngineInfo | None:
+    def engine_info(self, ready: list[EngineLink] | None = None) -> ipc_pb2.EngineInfo | None:
         """What the ready engines serve, as requests are checked against it: the first one's
         info with the smallest context and the summed capacity."""
-        ready = [e for e in self.engines if e.ready]
+        if ready is None:
+            ready = [e for e in self.engines if e.ready]
         if not ready:
             return None
         info = ipc_pb2.EngineInfo()
@@ -337,34 +346,29 @@ class Worker:
             # A new engine process knows nothing of what the old one was running or cached.
             self._fail_engine(eng, "the engine restarted")
             eng.prefixes.clear()
-            eng.refused = ""
+            eng.sent = 0  # the new process counts what it takes in from 0
         eng.status = st
         eng.seen = time.monotonic()
-        eng.sent = 0
-        if st.ready and not eng.refused:
-            eng.refused = self._model_mismatch(eng)
-            if eng.refused:
-                log.error("worker %s: not using %s: %s", self.worker_id, eng.address, eng.refused)
-        if st.ready and not eng.refused and self.tokenizer is None and not self.tokenizer_error:
+        if st.ready and self.tokenizer is None and not self.tokenizer_error:
             self._load_tokenizer(self.tokenizer_path or st.info.model_path)
+            if self.tokenizer is not None:
+                self.model = _model_key(st.info)
+        if st.ready:
+            was = eng.refused
+            eng.refused = self._model_mismatch(st.info)
+            if eng.refused and eng.refused != was:
+                log.error("worker %s: not using %s: %s", self.worker_id, eng.address, eng.refused)
 
-    def _model_mismatch(self, eng: EngineLink) -> str:
-        """Why ``eng`` cannot be a replica of the engines already in use ('' if it can)."""
-        info = eng.status.info
-        for other in self.engines:
-            if other is eng or not other.ready:
-                continue
-            o = other.status.info
-            if (o.model_id, o.vocab_size, list(o.eos_token_ids)) != (
-                info.model_id,
-                info.vocab_size,
-                list(info.eos_token_ids),
-            ):
-                return (
-                    f"it serves {info.model_id!r} (vocabulary {info.vocab_size}), but "
-                    f"{other.address} serves {o.model_id!r} (vocabulary {o.vocab_size})"
-                )
-        return ""
+    def _model_mismatch(self, info: ipc_pb2.EngineInfo) -> str:
+        """Why an engine serving ``info`` cannot take this worker's requests ('' if it can):
+        replicas must serve the model the worker's tokenizer was loaded for."""
+        if self.model is None or _model_key(info) == self.model:
+            return ""
+        model_id, vocab, _ = self.model
+        return (
+            f"it serves {info.model_id!r} (vocabulary {info.vocab_size}), but this worker's "
+            f"tokenizer is for {model_id!r} (vocabulary {vocab})"
+        )
 
     def _load_tokenizer(self, path: str) -> None:
         try:
@@ -518,11 +522,13 @@ class Worker:
     def _on_generate(self, req: ipc_pb2.TextRequest) -> None:
         rid = req.request_id
         try:
-            if not self.ready:
+            # Taken once: readiness goes by the clock, and tokenizing takes time.
+            engines = [e for e in self.engines if e.ready]
+            if not engines or self.tokenizer is None:
                 raise _Unavailable("the engine or tokenizer is not ready")
             if rid in self.active:
                 raise InvalidRequestError(f"request id {rid!r} is already in flight")
-            ids, params = self._encode(req)
+            ids, params = self._encode(req, self.engine_info(engines))
             act = _Active(req, ids, "", params)
             for _ in range(params.n or 1):
                 detok = IncrementalDetokenizer(
@@ -533,6 +539,7 @@ class Worker:
                     include_stop_str_in_output=req.include_stop_str_in_output,
                 )
                 act.seqs.append(_Seq(detok, ""))
+            self._submit(act, engines)
         except _Unavailable as e:
             return self._error(rid, ipc_pb2.UNAVAILABLE, str(e))
         except InvalidRequestError as e:
@@ -541,7 +548,6 @@ class Worker:
             log.exception("request %s failed in the tokenizer", rid)
             return self._error(rid, ipc_pb2.INTERNAL, f"tokenizer error: {type(e).__name__}: {e}")
         self.active[rid] = act
-        self._submit(act, [e for e in self.engines if e.ready])  # not empty: self.ready
 
     def _submit(self, act: _Active, engines: list[EngineLink]) -> None:
         """Send ``act`` to one of ``engines`` under a fresh engine id."""
@@ -566,7 +572,9 @@ class Worker:
         )
         self._send_engine(eng, ipc_pb2.WorkerToEngine(add=add))
 
-    def _encode(self, req: ipc_pb2.TextRequest) -> tuple[list[int], ipc_pb2.SamplingParams]:
+    def _encode(
+        self, req: ipc_pb2.TextRequest, info: ipc_pb2.EngineInfo
+    ) -> tuple[list[int], ipc_pb2.SamplingParams]:
         tok = self.tokenizer
         params = ipc_pb2.SamplingParams()
         params.CopyFrom(req.params)
@@ -585,14 +593,15 @@ class Worker:
             params.stop_token_ids.extend(extra)
         else:
             raise InvalidRequestError("the request has no prompt")
-        room = self._check_length(ids, params)
+        room = self._check_length(ids, params, info)
         if not params.HasField("max_tokens") and req.default_max_tokens:
             params.max_tokens = min(max(req.default_max_tokens, params.min_tokens), room)
         return ids, params
 
-    def _check_length(self, ids: list[int], params: ipc_pb2.SamplingParams) -> int:
-        """Raise for a prompt the engine cannot take; returns the room left for output."""
-        info = self.engine_info()
+    def _check_length(
+        self, ids: list[int], params: ipc_pb2.SamplingParams, info: ipc_pb2.EngineInfo
+    ) -> int:
+        """Raise for a prompt the engines cannot take; returns the room left for output."""
         if not ids:
             raise InvalidRequestError("the prompt is empty (it has no tokens)")
         bad = [t for t in ids if t >= info.vocab_size]
@@ -663,6 +672,9 @@ class Worker:
         ready engine (the client cannot tell), the rest fail with UNAVAILABLE."""
         acts = [a for a in self.active.values() if a.engine is eng]
         others = [e for e in self.engines if e.ready and e is not eng]
+        # Stop them there too: a stalled engine may run on, and Adds queued for a dead one are
+        # delivered to its restarted process (the abort right behind them).
+        self._abort_in_engines([(eng, q.engine_id) for a in acts for q in a.seqs], block=False)
         failed = []
         for act in acts:
             if others and not any(q.sent_first for q in act.seqs):
@@ -695,6 +707,10 @@ class Worker:
 
 class _Unavailable(Exception):
     pass
+
+
+def _model_key(info: ipc_pb2.EngineInfo) -> tuple:
+    return (info.model_id, info.vocab_size, tuple(info.eos_token_ids))
 
 
 def _messages(conv: ipc_pb2.Conversation) -> list[dict[str, str]]:

@@ -411,18 +411,20 @@ class EngineStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., last_step_num_seqs: _Optional[int] = ..., max_step_num_seqs: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., cached_tokens_total: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., requests_finished_total: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("ready", "instance", "info", "stats", "error")
+    __slots__ = ("ready", "instance", "info", "stats", "error", "seqs_added")
     READY_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQS_ADDED_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     instance: str
     info: EngineInfo
     stats: EngineStats
     error: str
-    def __init__(self, ready: _Optional[bool] = ..., instance: _Optional[str] = ..., info: _Optional[_Union[EngineInfo, _Mapping]] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    seqs_added: int
+    def __init__(self, ready: _Optional[bool] = ..., instance: _Optional[str] = ..., info: _Optional[_Union[EngineInfo, _Mapping]] = ..., stats: _Optional[_Union[EngineStats, _Mapping]] = ..., error: _Optional[str] = ..., seqs_added: _Optional[int] = ...) -> None: ...
 
 class EngineToWorker(_message.Message):
     __slots__ = ("step", "status")

@@ -1,0 +1,221 @@
+"""A tokenizer worker with two engines, driven over real ZeroMQ sockets: the test binds the
+gateway's and both engines' ROUTER sockets and plays their parts with real protobuf messages,
+while ``Worker.run()`` runs in a thread. This reaches the cases an end-to-end stack cannot
+force: an engine with another model, an engine going silent with a request on it, engines
+going stale while a prompt is tokenized, and a status that arrives before the engine has read
+what the worker sent."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import zmq
+
+from engine_svc.model_fetch import fetch_default_model
+from protos.pagedserve.internal.v1 import ipc_pb2
+from tokenizer_svc.worker import BALANCE_SLACK, Worker, prefix_chain, route
+
+IDENT = b"tok-test"
+BLOCK = 16
+
+
+class Rig:
+    def __init__(self, tmp, model_dir: str) -> None:
+        self.ctx = zmq.Context()
+        self.model_dir = model_dir
+        self.gw = self._router(f"ipc://{tmp}/gw.sock")
+        self.engines = [self._router(f"ipc://{tmp}/engine-{k}.sock") for k in range(2)]
+        self.worker = Worker(
+            IDENT.decode(), f"ipc://{tmp}/gw.sock", [f"ipc://{tmp}/engine-{k}.sock" for k in (0, 1)]
+        )
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+        self.instances = ["a0", "b0"]
+
+    def _router(self, address: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(address)
+        return s
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.thread.join(timeout=5)
+        self.ctx.destroy(linger=0)
+
+    # -- playing the engines --------------------------------------------------------------
+    def status(self, k: int, model_id: str = "smol", seqs_added: int = 0, running: int = 0):
+        info = ipc_pb2.EngineInfo(
+            model_id=model_id,
+            max_model_len=2048,
+            vocab_size=49152,
+            eos_token_ids=[2],
+            block_size=BLOCK,
+            model_path=self.model_dir,
+            max_waiting=100,
+        )
+        st = ipc_pb2.EngineStatus(
+            ready=True,
+            instance=self.instances[k],
+            info=info,
+            stats=ipc_pb2.EngineStats(num_running=running),
+            seqs_added=seqs_added,
+        )
+        self.engines[k].send_multipart(
+            [IDENT, ipc_pb2.EngineToWorker(status=st).SerializeToString()]
+        )
+
+    def engine_msgs(self, k: int, kind: str, wait: float = 1.0) -> list:
+        """Messages of ``kind`` ("add", "abort") the worker sent engine k within ``wait``."""
+        out, end = [], time.monotonic() + wait
+        while (left := end - time.monotonic()) > 0:
+            if not self.engines[k].poll(int(left * 1000)):
+                break
+            _, payload = self.engines[k].recv_multipart()
+            msg = ipc_pb2.WorkerToEngine.FromString(payload)
+            if msg.WhichOneof("kind") == kind:
+                out.append(getattr(msg, kind))
+        return out
+
+    def wait_ready(self, *ks: int) -> None:
+        """Answer the worker's hellos until it has heard from engines ``ks``."""
+        for k in ks:
+            self.engines[k].recv_multipart()  # the first hello: the worker is connected
+            self.status(k)
+        end = time.monotonic() + 30
+        while not all(self.worker.engines[k].ready for k in ks):
+            assert time.monotonic() < end, "the worker never took the engines' status"
+            time.sleep(0.05)
+
+    # -- playing the gateway --------------------------------------------------------------
+    def generate(self, rid: str, ids: list[int]) -> None:
+        req = ipc_pb2.TextRequest(
+            request_id=rid,
+            token_ids=ipc_pb2.PromptIds(ids=ids),
+            params=ipc_pb2.SamplingParams(max_tokens=4),
+        )
+        msg = ipc_pb2.GatewayToWorker(generate=req)
+        self.gw.send_multipart([IDENT, msg.SerializeToString()])
+
+    def gateway_msgs(self, kind: str, wait: float) -> list:
+        out, end = [], time.monotonic() + wait
+        while (left := end - time.monotonic()) > 0:
+            if not self.gw.poll(int(left * 1000)):
+                break
+            _, payload = self.gw.recv_multipart()
+            msg = ipc_pb2.WorkerToGateway.FromString(payload)
+            if msg.WhichOneof("kind") == kind:
+                out.append(getattr(msg, kind))
+        return out
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    return str(fetch_default_model(progress=False))
+
+
+@pytest.fixture()
+def rig(tmp_path, model_dir):
+    r = Rig(tmp_path, model_dir)
+    yield r
+    r.close()
+
+
+def _prompt(rng: random.Random, blocks: int = 3) -> list[int]:
+    return [rng.randrange(1000, 40000) for _ in range(blocks * BLOCK)]
+
+
+def test_load_keeps_what_the_engine_has_not_taken_in_yet(rig):
+    """A status counts only what the engine had read then: sequences the worker sent after
+    (or that wait in the engine's inbox during a long step) still count as its load."""
+    rig.wait_ready(0, 1)
+    shared = _prompt(random.Random(1))
+    for i in range(BALANCE_SLACK + 1):  # one prefix: affinity keeps them on one engine
+        rig.generate(f"r{i}", shared + [i + 1])
+    adds = [rig.engine_msgs(k, "add") for k in (0, 1)]
+    k = 0 if adds[0] else 1
+    assert len(adds[k]) == BALANCE_SLACK + 1 and not adds[1 - k]
+    # The engine has read 3 of them when it reports: 3 running, 6 still on their way.
+    rig.status(k, seqs_added=3, running=3)
+    rig.status(1 - k)
+    time.sleep(0.3)
+    assert rig.worker.engines[k].load == BALANCE_SLACK + 1
+    # So the next request with that prefix goes to the other engine: the margin is exceeded.
+    rig.generate("next", shared + [99])
+    assert len(rig.engine_msgs(1 - k, "add")) == 1 and not rig.engine_msgs(k, "add", 0.2)
+    # Once the engine has taken them all in, its own count is the load.
+    rig.status(k, seqs_added=BALANCE_SLACK + 1, running=2)
+    time.sleep(0.3)
+    assert rig.worker.engines[k].load == 2
+
+
+def test_an_engine_serving_another_model_is_not_used(rig):
+    rig.wait_ready(0)
+    rig.engines[1].recv_multipart()
+    rig.status(1, model_id="other-model")
+    time.sleep(0.3)
+    rng = random.Random(2)
+    for i in range(6):
+        rig.generate(f"r{i}", _prompt(rng))
+    assert len(rig.engine_msgs(0, "add")) == 6 and not rig.engine_msgs(1, "add", 0.2)
+    st = rig.gateway_msgs("status", 1.2)[-1]
+    assert [e.ready for e in st.engines] == [True, False]
+    assert "serves 'other-model'" in st.engines[1].error
+    assert "tokenizer is for 'smol'" in st.engines[1].error
+    # Restarted with the right model, it takes requests again.
+    rig.instances[1] = "b1"
+    rig.status(1)
+    time.sleep(0.3)
+    assert rig.worker.engines[1].ready
+
+
+def test_requests_of_a_silent_engine_move_on_and_are_aborted_there(rig):
+    """Engine 0 stops answering with a request that has streamed nothing: after 3 s the worker
+    sends it to engine 1 under a new id and aborts the old id on engine 0 (a stalled engine
+    might run on; Adds queued for a dead one reach its restarted process)."""
+    rig.wait_ready(0, 1)
+    # A prompt the worker sends to engine 0 (routing is deterministic: see route()).
+    links = [e for e in rig.worker.engines]
+    rng = random.Random(3)
+    while True:
+        prompt = _prompt(rng)
+        if route(links, prefix_chain(prompt, BLOCK)) is links[0]:
+            break
+    rig.status(0)
+    rig.status(1)
+    time.sleep(0.2)
+    rig.generate("r", prompt)
+    add = rig.engine_msgs(0, "add", 2.0)
+    assert len(add) == 1, "the request did not go to engine 0"
+    old = add[0]
+    end = time.monotonic() + 6  # engine 1 keeps answering; engine 0 is silent
+    moved, aborted = [], []
+    while time.monotonic() < end and not (moved and aborted):
+        rig.status(1)
+        moved += rig.engine_msgs(1, "add", 0.25)
+        aborted += rig.engine_msgs(0, "abort", 0.25)
+    assert len(moved) == 1, "the request did not move to engine 1"
+    assert moved[0].prompt_token_ids == old.prompt_token_ids
+    assert moved[0].request_id != old.request_id
+    assert [list(a.request_ids) for a in aborted] == [[old.request_id]]
+    assert not [e for b in rig.gateway_msgs("batch", 0.3) for e in b.errors]  # no failure
+
+
+def test_engines_going_stale_while_tokenizing_fail_the_request_instead_of_losing_it(rig):
+    rig.wait_ready(0, 1)
+    encode = rig.worker._encode
+
+    def slow_encode(*args):  # both engines fall silent while this prompt is tokenized
+        for e in rig.worker.engines:
+            e.seen = 0.0
+        return encode(*args)
+
+    rig.worker._encode = slow_encode
+    rig.generate("r", _prompt(random.Random(4)))
+    errors = [e for b in rig.gateway_msgs("batch", 2.0) for e in b.errors]
+    assert [(e.request_id, e.code) for e in errors] == [("r", ipc_pb2.UNAVAILABLE)]
+    assert "stopped answering" in errors[0].message
+    assert rig.worker.active == {}
