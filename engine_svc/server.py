@@ -178,7 +178,7 @@ class EngineServer:
         self.stats = ipc_pb2.EngineStats()
         self.load_error = ""
         self._owners: dict[str, _Owner] = {}  # engine sequence id -> who asked
-        self._seqs_added: dict[bytes, int] = {}  # worker -> sequences taken in (EngineStatus)
+        self._seqs_added: dict[bytes, int] = {}  # worker -> highest AddRequest.serial taken in
         self._stop = threading.Event()
         self.ctx = zmq.Context()
         self.io = EngineIO(self.ctx, address, self._status)
@@ -280,8 +280,8 @@ class EngineServer:
             if kind == "add":
                 err = self._add(ident, msg.add)
                 # Counted whether or not it was accepted: it is no longer on its way.
-                n = self._seqs_added.get(ident, 0) + max(msg.add.params.n, 1)
-                self._seqs_added[ident] = n
+                taken = max(self._seqs_added.get(ident, 0), msg.add.serial)
+                self._seqs_added[ident] = taken
                 if err is not None:
                     errors.setdefault(ident, []).append(err)
             elif kind == "abort":

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import ssl
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,26 +58,45 @@ class TlsConfig:
 
         chain, key = read(self.cert, "certificate"), read(self.key, "key")
         ca = read(self.client_ca, "client CA") if self.client_ca else None
+        if b"ENCRYPTED" in key:  # grpc cannot use one, and OpenSSL would prompt for it
+            raise TlsConfigError(
+                f"the TLS key {self.key} is encrypted: decrypt it first "
+                "(openssl pkey -in KEY -out PLAIN-KEY)"
+            )
         # grpc reports a key that does not match the certificate only as a failed bind;
         # Python's ssl module (OpenSSL) says what is wrong.
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            ctx.load_cert_chain(self.cert, self.key)
-        except ssl.SSLError as e:
+            ctx.load_cert_chain(self.cert, self.key, password=lambda: b"")
+        except (ssl.SSLError, OSError) as e:
             raise TlsConfigError(
                 f"the TLS certificate {self.cert} and key {self.key} do not make a pair: "
-                f"{e.reason or e}"
+                f"{getattr(e, 'reason', None) or e}"
             ) from None
         if self.client_ca:
             try:
                 ctx.load_verify_locations(self.client_ca)
-            except ssl.SSLError as e:
+            except (ssl.SSLError, OSError) as e:
                 raise TlsConfigError(
-                    f"the TLS client CA {self.client_ca} is not usable: {e.reason or e}"
+                    f"the TLS client CA {self.client_ca} is not usable: "
+                    f"{getattr(e, 'reason', None) or e}"
                 ) from None
-        return grpc.ssl_server_credentials(
+        creds = grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
         )
+        # What OpenSSL takes grpc may still refuse (e.g. an Ed448 key): try it on a
+        # throwaway server, so that shows as a TLS error and not as a port that is taken.
+        probe = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        try:
+            probe.add_secure_port("127.0.0.1:0", creds)
+        except RuntimeError:
+            raise TlsConfigError(
+                f"grpc cannot serve with the TLS certificate {self.cert} and key {self.key} "
+                "(RSA and ECDSA P-256/P-384 keys work)"
+            ) from None
+        finally:
+            probe.stop(None)
+        return creds
 
 
 @dataclass(slots=True)

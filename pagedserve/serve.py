@@ -263,6 +263,14 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     dp = a.data_parallel_size
     if dp < 1:
         raise SystemExit("pagedserve: error: --data-parallel-size must be >= 1")
+    tls = tls_config(a)  # checked here, so bad TLS flags stop `up` before anything starts
+    if tls is not None:
+        from gateway.server import TlsConfigError
+
+        try:
+            tls.credentials()
+        except TlsConfigError as e:
+            _usage_error(str(e))
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="pagedserve-"))
     addr = Addresses.in_run_dir(run_dir, dp)
     log_args = ["--log-level", a.log_level]
@@ -273,14 +281,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
     for k in a.api_key or []:
         gw += ["--api-key", k]
-    tls = tls_config(a)  # checked here, so bad TLS flags stop `up` before anything starts
     if tls is not None:
-        from gateway.server import TlsConfigError
-
-        try:
-            tls.credentials()
-        except TlsConfigError as e:
-            _usage_error(str(e))
         gw += ["--tls-cert", tls.cert, "--tls-key", tls.key]
         if tls.client_ca:
             gw += ["--tls-client-ca", tls.client_ca]
@@ -340,7 +341,8 @@ def _engine_children(
         ]
     argv = list(engine_argv)
     if a.num_threads is None and a.device != "cuda":
-        argv += ["--num-threads", str(max(1, len(os.sched_getaffinity(0)) // dp))]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        argv += ["--num-threads", str(max(1, (cores or os.cpu_count() or 1) // dp))]
     devices = _visible_gpus() if a.device != "cpu" else []
     if devices and len(devices) < dp:
         log.warning("%d engine replicas share %d GPUs", dp, len(devices))
@@ -488,7 +490,7 @@ def _channel(a: argparse.Namespace):
     certificate for mutual TLS)."""
     import grpc
 
-    if not (a.tls or a.tls_ca or a.tls_cert):
+    if not (a.tls or a.tls_ca or a.tls_cert or a.tls_key or a.tls_server_name):
         return grpc.insecure_channel(a.target)
 
     def read(path: str | None) -> bytes | None:

@@ -121,6 +121,17 @@ def start_stack(
     return stack
 
 
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``pagedserve ARGS`` in a child process, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "pagedserve.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def wait_serving(stack: Stack, timeout: float) -> None:
     end = time.monotonic() + timeout
     with stack.channel() as ch:
@@ -174,6 +185,7 @@ __all__ = [
     "Stack",
     "collect",
     "free_port",
+    "run_cli",
     "pb",
     "start_stack",
     "stop_stack",

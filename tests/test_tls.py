@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.serving_stack import collect, free_port, pb, start_stack, stop_stack, stub
+from tests.serving_stack import run_cli as _pagedserve
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -40,6 +41,8 @@ def certs(tmp_path_factory) -> Path:
                  f"{name}.csr", "-subj", f"/CN={name}", cwd=d)  # fmt: skip
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext, cwd=d)  # fmt: skip
+    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out",
+             "encrypted.key", cwd=d)  # fmt: skip
     return d
 
 
@@ -47,16 +50,6 @@ def _creds(certs: Path, ca: str = "ca.pem", client: bool = False) -> grpc.Channe
     key = (certs / "client.key").read_bytes() if client else None
     chain = (certs / "client.pem").read_bytes() if client else None
     return grpc.ssl_channel_credentials((certs / ca).read_bytes(), key, chain)
-
-
-def _pagedserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pagedserve.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 class Gateway:
@@ -151,6 +144,10 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(certs, gateway):
         (
             ["--tls-cert", "server.pem", "--tls-key", "client.key"],
             "do not make a pair: KEY_VALUES_MISMATCH",
+        ),
+        (
+            ["--tls-cert", "server.pem", "--tls-key", "encrypted.key"],
+            "the TLS key {d}/encrypted.key is encrypted: decrypt it first",
         ),
     ],
 )

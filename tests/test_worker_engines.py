@@ -150,6 +150,21 @@ def test_load_keeps_what_the_engine_has_not_taken_in_yet(rig):
     rig.status(k, seqs_added=BALANCE_SLACK + 1, running=2)
     time.sleep(0.3)
     assert rig.worker.engines[k].load == 2
+    # Engine k restarts, and its new process takes in 3 Adds that were queued for the old
+    # one (the worker aborts them there): they are not load. A request sent after the
+    # restart is, until the new process reports it taken in.
+    rig.instances[k] = "restarted"
+    rig.status(k, seqs_added=3)
+    rig.status(1 - k)
+    time.sleep(0.3)
+    assert rig.worker.engines[k].load == 0
+    links = rig.worker.engines
+    rng = random.Random(11)
+    while route(links, prefix_chain(p := _prompt(rng), BLOCK)) is not links[k]:
+        pass
+    rig.generate("after", p)
+    assert len(rig.engine_msgs(k, "add")) == 1
+    assert rig.worker.engines[k].load == 1
 
 
 def test_an_engine_serving_another_model_is_not_used(rig):
@@ -161,7 +176,8 @@ def test_an_engine_serving_another_model_is_not_used(rig):
     for i in range(6):
         rig.generate(f"r{i}", _prompt(rng))
     assert len(rig.engine_msgs(0, "add")) == 6 and not rig.engine_msgs(1, "add", 0.2)
-    st = rig.gateway_msgs("status", 1.2)[-1]
+    rig.status(0)  # fresh, so the worker still counts engine 0 in when it reports
+    st = rig.gateway_msgs("status", 0.7)[-1]
     assert [e.ready for e in st.engines] == [True, False]
     assert "serves 'other-model'" in st.engines[1].error
     assert "tokenizer is for 'smol'" in st.engines[1].error

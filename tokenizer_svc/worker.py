@@ -48,7 +48,8 @@ class EngineLink:
         self.sock: zmq.Socket | None = None
         self.status: ipc_pb2.EngineStatus | None = None
         self.seen = 0.0
-        self.sent = 0  # sequences sent to this engine process (compare status.seqs_added)
+        self.sent = 0  # sequences sent to this address ever (AddRequest.serial of the last)
+        self.base = 0  # self.sent when the process now there started (see load)
         self.refused = ""  # why it is not used although ready: it serves another model
         self.key = zlib.crc32(address.encode())  # the same in every worker process
         self.prefixes: OrderedDict[int, None] = OrderedDict()
@@ -70,9 +71,12 @@ class EngineLink:
         """Sequences running or waiting there, plus those this worker sent that it has not
         taken in yet (an engine reads its inbox between steps)."""
         if self.status is None:
-            return self.sent
+            return self.sent - self.base
         s = self.status.stats
-        return s.num_running + s.num_waiting + max(self.sent - self.status.seqs_added, 0)
+        # What was sent before a restart was noticed ran on the old process, or reaches the
+        # new one and is aborted there: it is not load.
+        taken = max(self.status.seqs_added, self.base)
+        return s.num_running + s.num_waiting + self.sent - taken
 
     def matched(self, chain: Sequence[int]) -> int:
         """Leading prompt blocks of ``chain`` that were sent here (and may still be cached)."""
@@ -346,7 +350,7 @@ class Worker:
             # A new engine process knows nothing of what the old one was running or cached.
             self._fail_engine(eng, "the engine restarted")
             eng.prefixes.clear()
-            eng.sent = 0  # the new process counts what it takes in from 0
+            eng.base = eng.sent
         eng.status = st
         eng.seen = time.monotonic()
         if st.ready and self.tokenizer is None and not self.tokenizer_error:
@@ -569,6 +573,7 @@ class Worker:
             prompt_token_ids=act.prompt_ids,
             params=act.params,
             priority=act.request.priority,
+            serial=eng.sent,
         )
         self._send_engine(eng, ipc_pb2.WorkerToEngine(add=add))
 
