@@ -176,7 +176,7 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
         raise SystemExit("pagedserve: error: --tokenizer-workers must be >= 1")
     engines = a.engine or [DEFAULT_ENGINE_ADDRESS]
     if len(set(engines)) != len(engines):
-        raise SystemExit(f"pagedserve: error: an --engine address is given twice: {engines}")
+        _usage_error(f"an --engine address is given twice: {engines}")
     if a.tokenizer_workers == 1:
         from tokenizer_svc.worker import Worker, new_worker_id
 

@@ -63,3 +63,9 @@ def test_health_of_a_server_that_is_not_there():
     r = _run("health", "--target", "127.0.0.1:1", "--timeout", "2", timeout=30)
     assert r.returncode == 1
     assert "UNAVAILABLE" in r.stderr
+
+
+def test_tokenizer_with_an_engine_given_twice_is_a_clear_error():
+    r = _run("tokenizer", "--engine", "tcp://a:5560", "--engine", "tcp://a:5560")
+    assert r.returncode == 2
+    assert "an --engine address is given twice" in r.stderr and "Traceback" not in r.stderr
