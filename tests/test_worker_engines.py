@@ -235,3 +235,33 @@ def test_engines_going_stale_while_tokenizing_fail_the_request_instead_of_losing
     assert [(e.request_id, e.code) for e in errors] == [("r", ipc_pb2.UNAVAILABLE)]
     assert "stopped answering" in errors[0].message
     assert rig.worker.active == {}
+
+
+def test_a_full_replica_passes_the_request_to_another_once(rig):
+    """An engine whose waiting queue is full refuses an Add with RESOURCE_EXHAUSTED: the
+    worker tries the other replica, and fails the request only when every one refused."""
+    rig.wait_ready(0, 1)
+    rig.generate("r", _prompt(random.Random(5)))
+    adds = {k: rig.engine_msgs(k, "add", 0.5) for k in (0, 1)}
+    first = 0 if adds[0] else 1
+    assert len(adds[first]) == 1 and not adds[1 - first]
+    full = ipc_pb2.StepOutputs(
+        errors=[ipc_pb2.RequestError(code=ipc_pb2.RESOURCE_EXHAUSTED, message="queue is full")]
+    )
+
+    def refuse(k: int, add) -> None:
+        full.errors[0].request_id = add.request_id
+        rig.engines[k].send_multipart(
+            [IDENT, ipc_pb2.EngineToWorker(step=full).SerializeToString()]
+        )
+
+    rig.status(0)
+    rig.status(1)
+    refuse(first, adds[first][0])
+    [moved] = rig.engine_msgs(1 - first, "add", 1.0)
+    assert not [e for b in rig.gateway_msgs("batch", 0.3) for e in b.errors]
+    refuse(1 - first, moved)  # the other one is full too: no third try, the client is told
+    errors = [e for b in rig.gateway_msgs("batch", 1.0) for e in b.errors]
+    assert [(e.request_id, e.code) for e in errors] == [("r", ipc_pb2.RESOURCE_EXHAUSTED)]
+    assert not rig.engine_msgs(first, "add", 0.3)
+    assert rig.worker.active == {}

@@ -154,6 +154,7 @@ class _Active:
     params: ipc_pb2.SamplingParams
     engine: EngineLink | None = None
     seqs: list[_Seq] = field(default_factory=list)
+    full: set[int] = field(default_factory=set)  # engines that refused it: queue full
 
     @property
     def done(self) -> bool:
@@ -405,10 +406,17 @@ class Worker:
         batch = ipc_pb2.WorkerBatch()
         for err in step.errors:
             act = self._lookup(err.request_id, eng)
-            if act is not None:
-                self._forget(act)
-                rid = act.request.request_id
-                batch.errors.add(request_id=rid, code=err.code, message=err.message)
+            if act is None:
+                continue
+            if err.code == ipc_pb2.RESOURCE_EXHAUSTED:  # that replica's queue is full
+                act.full.add(eng.index)
+                others = [e for e in self.engines if e.ready and e.index not in act.full]
+                if others and not any(q.sent_first for q in act.seqs):
+                    self._submit(act, others)  # each replica is tried at most once
+                    continue
+            self._forget(act)
+            rid = act.request.request_id
+            batch.errors.add(request_id=rid, code=err.code, message=err.message)
         stale: list[str] = []
         for out in step.outputs:
             act = self._lookup(out.request_id, eng)
