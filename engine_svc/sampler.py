@@ -296,5 +296,11 @@ def _raw_logprobs(
 
 
 def _top_lists(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's k best (token, logprob), best first; equal logprobs by token id, the order in
+    which argmax picks among ties, so a greedy token tied for best is listed first (topk
+    leaves the order of ties unspecified)."""
     vals, ids = lp.topk(k, dim=-1)
-    return [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+    return [
+        sorted(zip(i, v, strict=True), key=lambda pair: (-pair[1], pair[0]))
+        for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
+    ]

@@ -291,6 +291,22 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
     assert got == sorted(got, reverse=True)
 
 
+def test_greedy_token_tied_for_best_is_listed_first() -> None:
+    """Two tokens share the best logit (as bf16 logits often do): greedy takes the lower id,
+    and the top list puts that one first, then the other, whatever order topk gave them."""
+    g = torch.Generator().manual_seed(3)
+    rows = [row(logprobs=3, temperature=0.0) for _ in range(64)]
+    logits = torch.randn(64, 49152, generator=g)
+    pairs = [sorted(torch.randperm(49152, generator=g)[:2].tolist()) for _ in rows]
+    for r, (i, j) in enumerate(pairs):
+        logits[r, i] = logits[r, j] = 10.0
+    out = sampler()(logits, rows)
+    for r, (i, j) in enumerate(pairs):
+        assert out.token_ids[r] == i
+        assert [t for t, _ in out.top_logprobs[r][:2]] == [i, j]
+        assert out.top_logprobs[r][0][1] == out.logprobs[r]
+
+
 def test_sampled_logprob_is_returned_outside_the_top_k() -> None:
     logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(9))
     low = int(logits.argmin())
