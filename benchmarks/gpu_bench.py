@@ -173,9 +173,10 @@ def decode_step_fns(runner, batch_size: int, context: int):
     tokens in consecutive KV blocks, forward + logits."""
     b, bs = batch_size, runner.block_size
     width = -(-context // bs)
-    i32, i64 = dict(device="cuda", dtype=torch.int32), dict(device="cuda", dtype=torch.int64)
+    dev = runner.device
+    i32, i64 = dict(device=dev, dtype=torch.int32), dict(device=dev, dtype=torch.int64)
     tables = torch.arange(b * width, **i32).view(b, width)
-    ids = torch.randint(0, 128000, (b,), device="cuda")
+    ids = torch.randint(0, runner.cfg.vocab_size, (b,), device=dev)
     pos = torch.full((b,), context - 1, **i64)
     slots = tables[:, -1].long() * bs + (context - 1) % bs
     lens = torch.full((b,), context, **i32)
@@ -183,6 +184,27 @@ def decode_step_fns(runner, batch_size: int, context: int):
     batch = BatchTensors(ids, pos, slots, tables, lens, torch.arange(b + 1, **i32), splits)
     eager = partial(_eager_step, runner, batch)
     return eager, partial(_graph_step, runner, ids, pos, slots, lens, tables)
+
+
+def fused_linear_times(runner, batches: list[int], context: int, iters: int) -> dict:
+    """{batch: (cuBLAS seconds, fused seconds)}: one decode step captured in a CUDA graph with
+    the norms and projections as separate launches (cuBLAS matmuls), then with each norm ->
+    projection pair as one ``rms_norm_linear`` launch (kernels/linear.py), side by side."""
+    out = {}
+    before = runner.fused_norm_linear
+    try:
+        for b in batches:
+            eager, _ = decode_step_fns(runner, b, context)
+            times = []
+            for fused in (False, True):
+                runner.fused_norm_linear = fused
+                with torch.inference_mode():
+                    times.append(graph_time(eager, iters, reps=4))
+            out[b] = tuple(times)
+            print(f"  batch {b:>3}: cuBLAS {_ms(times[0])}  fused norm->linear {_ms(times[1])}")
+    finally:
+        runner.fused_norm_linear = before
+    return out
 
 
 def prefill_step_fn(runner, num_seqs: int, prompt_len: int):
@@ -312,6 +334,53 @@ def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]
         )
         del call, inputs
     return out
+
+
+def linear_sweep(iters: int) -> None:
+    """Time launch configurations of ``rms_norm_linear`` on the 1B's decode projections (the
+    model whose batch-1 step is furthest from its floor) at batch 1 and 8, against the unfused path (Triton norm, then a cuBLAS matmul, then
+    silu-and-mul for the MLP); best first. For choosing its defaults."""
+    from kernels.triton_ops import fused_add_rms_norm, rms_norm_linear, silu_and_mul
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    shapes = [("1B qkv", 2048, 3072, False), ("1B gate_up", 2048, 8192, True)]
+    for name, hidden, n, gated in shapes:
+        w = torch.randn(2 * n if gated else n, hidden, **bf16) * 0.02
+        nw = torch.ones(hidden, **bf16)
+        for rows in (1, 8):
+            x, r = torch.randn(rows, hidden, **bf16), torch.randn(rows, hidden, **bf16)
+
+            def unfused(x=x, r=r, w=w, nw=nw, gated=gated):
+                h, res = fused_add_rms_norm(x, r, nw, 1e-5)
+                y = h @ w.t()
+                return silu_and_mul(y) if gated else y
+
+            want = unfused()
+            base = graph_time(unfused, iters)
+            rows_out = []
+            for block_n in (16, 32, 64):
+                for block_k in (128, 256):
+                    for stages in (3, 4):
+                        kw = dict(block_n=block_n, block_k=block_k, num_stages=stages)
+                        call = partial(rms_norm_linear, x, r, nw, 1e-5, w, None, gated, **kw)
+                        try:
+                            err = (call()[0].float() - want.float()).abs().max().item()
+                            t = graph_time(call, iters)
+                        except Exception as e:  # e.g. out of shared memory
+                            print(f"  {name} rows={rows} {kw}: {type(e).__name__}")
+                            continue
+                        if not err <= 5e-2:  # a bf16 ulp or two of outputs of size ~1; NaN fails
+                            print(f"  {name} rows={rows} {kw}: WRONG, err {err:.1e}")
+                            continue
+                        rows_out.append((t, kw, err))
+            rows_out.sort(key=lambda row: row[0])
+            weight = w.numel() * w.element_size()
+            print(f"sweep {name} rows={rows}: unfused {_ms(base)} "
+                  f"({weight / base / 1e9:.0f} GB/s of weight); fused, best first:")  # fmt: skip
+            for t, kw, err in rows_out[:5]:
+                print(f"  {_ms(t)} ({base / t:.2f}x unfused, {weight / t / 1e9:.0f} GB/s) {kw} "
+                      f"maxerr={err:.1e}")  # fmt: skip
+        del w
 
 
 def attention_sweep(iters: int) -> None:
@@ -449,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512, help="context length of decode steps")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--skip-hf", action="store_true", help="no transformers comparison")
-    p.add_argument("--sweep", action="store_true", help="only time attention launch configurations")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only time launch configurations of rms_norm_linear and paged attention",
+    )
     p.add_argument(
         "--profile", action="store_true", help="only profile batch-1 decode steps, per kernel"
     )
@@ -458,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_bench needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.sweep:
+        linear_sweep(iters=20)  # first: the attention sweep's figures are in docs/kernels.md
         attention_sweep(iters=20)
         return 0
     if args.profile:
@@ -503,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "| model | batch | CUDA graphs | eager | graphs speed-up | batch-1 floor | graphs / floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    throughput_rows, engine_rows, prefill_rows = [], [], []
+    throughput_rows, engine_rows, prefill_rows, fused_rows = [], [], [], []
     workloads = throughput_workloads(n_req, args.quick)
     for shape in shapes:
         print(f"{shape}: building engine")
@@ -517,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             fl = f"{floor * 1e3:.2f} ms" if b == 1 else ""
             ratio = f"{tg / floor:.2f}×" if (b == 1 and tg) else ""
             lines.append(f"| {shape} | {b} | {_ms(tg)} | {_ms(te)} | {speed} | {fl} | {ratio} |")
+        fused_rows.append((shape, fused_linear_times(engine.runner, [1, 8], args.context, iters)))
         t_engine = engine_decode_time(engine, args.context)
         print(f"  whole engine, batch 1: {_ms(t_engine)} per token")
         engine_rows.append((shape, t_engine, times.get(1, (None, None))[0]))
@@ -540,6 +615,15 @@ def main(argv: list[str] | None = None) -> int:
         for wl, o, h in zip(workloads, ours, hf):
             throughput_rows.append((shape, wl, o, h))
 
+    lines += ["", "The same step replayed from a CUDA graph with each norm -> projection pair as "
+              "separate launches (cuBLAS), then fused into one `rms_norm_linear` launch "
+              "(`PAGEDSERVE_FUSED_NORM_LINEAR=1`):", "",
+              "| model | batch | cuBLAS | fused | fused speed-up |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for shape, times in fused_rows:
+        for b, (t_mm, t_fused) in times.items():
+            lines.append(
+                f"| {shape} | {b} | {_ms(t_mm)} | {_ms(t_fused)} | {t_mm / t_fused:.2f}× |"
+            )
     lines += ["", "One request through the whole engine (`LLMEngine.step`: scheduler, inputs, graph "
               "replay, logits, sampler), per output token:", ""]  # fmt: skip
     for shape, t_engine, t_graph in engine_rows:

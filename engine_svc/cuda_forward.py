@@ -8,6 +8,10 @@ layer that is two norms, four matmuls and three more kernels (four with split-KV
 ``kernels.triton_ops`` on the GPU; with ``kernels.reference`` the same code runs on the CPU,
 which is how the tests pin it to the CPU model. Everything here is a fixed sequence of
 launches on static shapes, so a decode step can be captured in a CUDA graph as it is.
+
+With ``fused_norm_linear`` a batch of at most ``FUSED_MAX_TOKENS`` tokens (a small decode
+step) runs each norm -> projection pair as one ``rms_norm_linear`` launch, the MLP's with
+silu-and-mul fused too: six launches per layer (seven with split-KV) instead of nine (ten).
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from types import ModuleType
 import torch
 
 from engine_svc.model import LlamaModel
+
+# Batches of at most this many tokens may take ``rms_norm_linear`` (kernels/linear.py): each
+# norm -> projection pair in one launch, its weight read once for all rows. Larger batches
+# keep cuBLAS: there launches weigh less against the step, and its tiles suit more rows.
+FUSED_MAX_TOKENS = 16
 
 
 @dataclass(slots=True)
@@ -39,20 +48,29 @@ def forward(
     batch: BatchTensors,
     kv_caches: torch.Tensor,  # [layers, 2, num_blocks, block_size, num_kv_heads, head_size]
     cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32
+    fused_norm_linear: bool = False,
 ) -> torch.Tensor:  # [num_tokens, hidden] after the final norm
     cfg = model.cfg
     eps = cfg.rms_norm_eps
     n = batch.input_ids.shape[0]
     x = model.embed_tokens(batch.input_ids)
     residual: torch.Tensor | None = None
+    fuse = fused_norm_linear and n <= FUSED_MAX_TOKENS
     for layer, kv in zip(model.layers, kv_caches):
-        if residual is None:
-            residual = x
-            h = ops.rms_norm(x, layer.input_layernorm.weight, eps)
-        else:
-            h, residual = ops.fused_add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
         attn = layer.self_attn
-        q, k, v = attn.qkv_proj(h).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        if fuse:
+            qkv, residual = ops.rms_norm_linear(
+                x, residual, layer.input_layernorm.weight, eps,
+                attn.qkv_proj.weight, attn.qkv_proj.bias,
+            )  # fmt: skip
+        else:
+            if residual is None:
+                residual = x
+                h = ops.rms_norm(x, layer.input_layernorm.weight, eps)
+            else:
+                h, residual = ops.fused_add_rms_norm(x, residual, layer.input_layernorm.weight, eps)
+            qkv = attn.qkv_proj(h)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q = ops.rotary_and_cache(
             batch.positions,
             q.view(n, attn.num_heads, attn.head_size),
@@ -74,10 +92,15 @@ def forward(
             num_splits=batch.num_splits,
         )
         x = attn.o_proj(o.view(n, attn.q_size))
-        h, residual = ops.fused_add_rms_norm(
-            x, residual, layer.post_attention_layernorm.weight, eps
-        )
-        x = layer.mlp.down_proj(ops.silu_and_mul(layer.mlp.gate_up_proj(h)))
+        mlp, norm_w = layer.mlp, layer.post_attention_layernorm.weight
+        if fuse:
+            act, residual = ops.rms_norm_linear(
+                x, residual, norm_w, eps, mlp.gate_up_proj.weight, gated_silu=True
+            )
+        else:
+            h, residual = ops.fused_add_rms_norm(x, residual, norm_w, eps)
+            act = ops.silu_and_mul(mlp.gate_up_proj(h))
+        x = mlp.down_proj(act)
     if residual is None:  # a model without layers
         return ops.rms_norm(x, model.norm.weight, eps)
     return ops.fused_add_rms_norm(x, residual, model.norm.weight, eps)[0]

@@ -12,6 +12,7 @@ the decode graphs (they hold the cache's address).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,6 +109,7 @@ class CudaModelRunner:
         gpu_memory_utilization: float = 0.9,
         enforce_eager: bool = False,
         device: torch.device | str = "cuda",
+        fused_norm_linear: bool | None = None,
     ) -> None:
         from kernels import triton_ops  # triton is only needed (and maybe only installed) here
 
@@ -120,6 +122,12 @@ class CudaModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
+        # Small decode batches through kernels/linear.py's fused norm -> projection (see
+        # cuda_forward). Off unless asked for until a GPU run shows it beats cuBLAS there:
+        # gpu_bench times both side by side.
+        if fused_norm_linear is None:
+            fused_norm_linear = os.environ.get("PAGEDSERVE_FUSED_NORM_LINEAR", "0") == "1"
+        self.fused_norm_linear = fused_norm_linear
         self.used_before, self.num_sms = 0, 1
         # device="cpu" runs this runner with interpreted kernels (tests only): no CUDA queries.
         if self.device.type == "cuda":
@@ -224,7 +232,8 @@ class CudaModelRunner:
         )
 
     def _forward(self, batch: BatchTensors) -> torch.Tensor:
-        return forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache)
+        return forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache,
+                       self.fused_norm_linear)  # fmt: skip
 
     def _prefill_batch(self, lens: list[int], blocks_per_seq: int) -> BatchTensors:
         """Fresh prompts of the given lengths, sequence i in blocks [i * bps, (i + 1) * bps)."""

@@ -136,3 +136,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a fused [num_tokens, 2 * inter] gate|up projection."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rms_norm_linear(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor | None,  # [num_tokens, hidden]; None = x is the residual
+    norm_weight: torch.Tensor,  # [hidden]
+    eps: float,
+    weight: torch.Tensor,  # [out, hidden], or [2 * inter, hidden] gate | up (gated_silu)
+    bias: torch.Tensor | None = None,  # [out]
+    gated_silu: bool = False,
+    out: torch.Tensor | None = None,  # [num_tokens, out (inter when gated_silu)]
+) -> tuple[torch.Tensor, torch.Tensor]:  # (projection, new residual)
+    """(``residual += x`` and) RMSNorm, then the linear projection of the normed rows, then
+    ``silu_and_mul`` of it when ``gated_silu``: the two norm -> projection pairs of a layer."""
+    if residual is None:
+        h, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        h, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    y = F.linear(h, weight, bias)
+    y = silu_and_mul(y) if gated_silu else y
+    if out is None:
+        return y, residual
+    out.copy_(y)
+    return out, residual

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU-only check in one go, for a lent GPU machine (see docs/kernels.md): compiled kernels
 # against the references, the @pytest.mark.gpu tests, the benchmark, a per-kernel profile of
-# batch-1 decode steps, and a sweep of attention launch configurations. Logs and the benchmark's markdown section go to $OUT. Every step runs
+# batch-1 decode steps, and a sweep of launch configurations (rms_norm_linear, then attention).
+# Logs and the benchmark's markdown section go to $OUT. Every step runs
 # even when an earlier one fails; the exit status is 1 if any failed. Time limits per step
 # (seconds) come from KERNEL_TESTS_S, GPU_TESTS_S, BENCH_S, PROFILE_S and SWEEP_S; the defaults
 # add up to 580 s, under a lent machine's 600 s per command.

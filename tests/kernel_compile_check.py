@@ -124,6 +124,25 @@ def _cases():
     yield "silu_and_mul bf16 8B", silu_mul(bf16, 14336)
     yield "silu_and_mul fp16 ragged", silu_mul(fp16, 2500)
 
+    def norm_linear(dtype, rows, hidden, out, residual, gated, bias=False):
+        x = torch.zeros(rows, hidden, dtype=dtype)
+        w = torch.zeros(2 * out if gated else out, hidden, dtype=dtype)
+        b = torch.zeros(w.shape[0], dtype=dtype) if bias else None
+        r = x.clone() if residual else None
+        nw = torch.ones(hidden, dtype=dtype)
+        return lambda: ops.rms_norm_linear(x, r, nw, 1e-5, w, b, gated)
+
+    yield "rms_norm_linear bf16 1B qkv, batch 1", norm_linear(bf16, 1, 2048, 3072, True, False)
+    yield (
+        "rms_norm_linear bf16 8B gate_up, batch 16",
+        norm_linear(bf16, 16, 4096, 14336, True, True),
+    )
+    yield (
+        "rms_norm_linear bf16 first layer, bias",
+        norm_linear(bf16, 3, 896, 1152, False, False, True),
+    )
+    yield "rms_norm_linear fp32 64 rows, gated", norm_linear(fp32, 64, 576, 1536, True, True)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -64,10 +64,13 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny_gpu"), num_heads=8, num_kv_heads=2)
 
 
-def test_graph_replay_equals_eager_for_every_captured_size(tiny_dir):
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["unfused", "fused"])
+def test_graph_replay_equals_eager_for_every_captured_size(tiny_dir, fused, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_FUSED_NORM_LINEAR", fused)
     llm = LLM(str(tiny_dir), device="cuda", dtype="float32", num_kv_blocks=1024,
               max_num_seqs=32, progress=False)  # fmt: skip
     runner = llm.engine.runner
+    assert runner.fused_norm_linear == (fused == "1")
     graphs = runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16, 24, 32]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -88,8 +91,12 @@ def test_graph_replay_equals_eager_for_every_captured_size(tiny_dir):
             assert torch.isfinite(got).all()
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_gpu_greedy_equals_cpu_greedy(tiny_dir, enforce_eager):
+@pytest.mark.parametrize(
+    "enforce_eager,fused", [(False, "0"), (True, "0"), (False, "1")],
+    ids=["graphs", "eager", "graphs-fused"],
+)  # fmt: skip
+def test_gpu_greedy_equals_cpu_greedy(tiny_dir, enforce_eager, fused, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_FUSED_NORM_LINEAR", fused)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 37, 90, 1, 64, 12)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -402,3 +402,73 @@ def test_silu_and_mul_rejects_bad_layouts():
     with pytest.raises(ValueError, match="contiguous rows"):
         triton_ops.silu_and_mul(torch.zeros(8, 3).t())
     assert triton_ops.silu_and_mul(torch.zeros(0, 8)).shape == (0, 4)
+
+
+# -- norm fused into the projection -----------------------------------------------------------
+
+
+# 1 row (decode at batch 1), a ragged 5, and the most one launch takes; hidden 200 with a
+# 64-wide K tile: four tiles, the last ragged; 40 output columns: three programs, one ragged.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize(
+    "residual,bias,gated",
+    [(False, False, False), (True, False, False), (True, True, False), (True, False, True),
+     (False, True, True)],
+    ids=["first-layer", "residual", "bias", "gated", "first-gated-bias"],
+)  # fmt: skip
+def test_rms_norm_linear(dtype, rows, residual, bias, gated, gen):
+    hidden, n = 200, 40
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    res = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype) if residual else None
+    nw = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+    w = (torch.randn(2 * n if gated else n, hidden, generator=gen) / hidden**0.5).to(dtype)
+    b = torch.randn(w.shape[0], generator=gen).to(dtype) if bias else None
+    want, want_res = reference.rms_norm_linear(x, res, nw, 1e-5, w, b, gated)
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out = torch.full(want.shape, float("nan"), dtype=dtype, device=DEVICE)
+    got, got_res = triton_ops.rms_norm_linear(
+        on(x), on(res), on(nw), 1e-5, on(w), on(b), gated, out, block_k=64
+    )
+    assert got is out and got.shape == (rows, n)
+    if residual:
+        assert torch.equal(got_res.cpu(), want_res)  # one rounding of the same sum
+    else:
+        assert got_res.data_ptr() == on(x).data_ptr() or torch.equal(got_res.cpu(), x)
+    # Same roundings as the reference, but the matmul's float32 sum runs in another order:
+    # a bf16/fp16 result may land one ulp away (and a gated one a few, through silu).
+    ulp = {torch.float32: 2**-17, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got.cpu(), want, rtol=4 * ulp, atol=4 * ulp)
+    if dtype != torch.float32:  # nearly all elements bit for bit
+        assert (got.cpu() != want).float().mean() < 0.05
+
+
+def test_rms_norm_linear_default_tiles_and_one_k_tile(gen):
+    """Default launch (one K tile covers hidden 96; 16 columns a program) on a model-like
+    shape: the decode step's qkv projection of a tiny Llama."""
+    x = torch.randn(3, 96, generator=gen)
+    res = torch.randn(3, 96, generator=gen)
+    nw, w = torch.rand(96, generator=gen) + 0.5, torch.randn(160, 96, generator=gen) / 10
+    want, want_res = reference.rms_norm_linear(x, res, nw, 1e-6, w)
+    got, got_res = triton_ops.rms_norm_linear(x.to(DEVICE), res.to(DEVICE), nw.to(DEVICE), 1e-6,
+                                              w.to(DEVICE))  # fmt: skip
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_res.cpu(), want_res)
+
+
+def test_rms_norm_linear_rejects_bad_layouts():
+    x, nw, w = torch.zeros(2, 32), torch.ones(32), torch.zeros(8, 32)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        triton_ops.rms_norm_linear(torch.zeros(65, 32), None, nw, 1e-5, w)
+    with pytest.raises(ValueError, match="share one dtype"):
+        triton_ops.rms_norm_linear(x, None, nw, 1e-5, w.half())
+    with pytest.raises(ValueError, match="even row count"):
+        triton_ops.rms_norm_linear(x, None, nw, 1e-5, torch.zeros(7, 32), gated_silu=True)
+    with pytest.raises(ValueError, match="weight must be"):
+        triton_ops.rms_norm_linear(x, None, nw, 1e-5, torch.zeros(32, 8).t())
+    with pytest.raises(ValueError, match="block_n"):
+        triton_ops.rms_norm_linear(x, None, nw, 1e-5, w, block_n=24)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_ops.rms_norm_linear(x, None, nw, 1e-5, w, out=torch.zeros(2, 4))
+    empty, res = triton_ops.rms_norm_linear(torch.zeros(0, 32), None, nw, 1e-5, w)
+    assert empty.shape == (0, 8) and res.shape == (0, 32)

@@ -40,6 +40,10 @@ EXPECTED = {
     "rotary_and_cache fp32 head 64 block 32, partial": {"_rotary_kernel"},
     "silu_and_mul bf16 8B": {"_silu_and_mul_kernel"},
     "silu_and_mul fp16 ragged": {"_silu_and_mul_kernel"},
+    "rms_norm_linear bf16 1B qkv, batch 1": {"_rms_norm_linear_kernel"},
+    "rms_norm_linear bf16 8B gate_up, batch 16": {"_rms_norm_linear_kernel"},
+    "rms_norm_linear bf16 first layer, bias": {"_rms_norm_linear_kernel"},
+    "rms_norm_linear fp32 64 rows, gated": {"_rms_norm_linear_kernel"},
 }
 
 

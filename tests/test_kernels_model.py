@@ -40,9 +40,10 @@ def _tiny_cfg() -> ModelConfig:
     )
 
 
-def _run_both(ops, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Two steps (a mixed prefill, then decodes over the cached KV) through the CPU model and
-    through cuda_forward with ``ops``; returns the second step's hidden states of each."""
+    through cuda_forward with ``ops``; returns the second step's hidden states of each. With
+    ``fused`` the decode step (3 tokens) takes the fused norm -> projection path."""
     cfg = _tiny_cfg()
     model = dummy_model(cfg, dtype, seed=3)
     for p in model.parameters():  # wider weights: 0.02 would make every hidden state alike
@@ -74,25 +75,27 @@ def _run_both(ops, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
             query_start_loc=starts,
             num_splits=2 if q_lens == [1, 1, 1] else 1,
         )
-        got = forward(model, ops, batch, gpu_kv, cs)
+        got = forward(model, ops, batch, gpu_kv, cs, fused_norm_linear=fused)
         outs.append((got, want))
         lens_done = seq_lens
     return outs[1]
 
 
-def test_forward_with_reference_ops_equals_cpu_model():
-    got, want = _run_both(reference, torch.float32)
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_forward_with_reference_ops_equals_cpu_model(fused):
+    got, want = _run_both(reference, torch.float32, fused)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_with_triton_kernels_equals_cpu_model(dtype):
+def test_forward_with_triton_kernels_equals_cpu_model(dtype, fused):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need the interpreter; tests/test_gpu.py covers CUDA")
     from kernels import triton_ops
 
-    got, want = _run_both(triton_ops, dtype)
+    got, want = _run_both(triton_ops, dtype, fused)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
@@ -289,11 +292,14 @@ def _count_launches(fn) -> dict[str, int]:
     return counts
 
 
-def test_decode_step_launches_per_layer():
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_decode_step_launches_per_layer(fused):
     """A decode step of the CUDA forward issues, per layer: two norms, four matmuls, one
     rotary-and-cache, attention (and its split combine) and one silu-and-mul; plus the
-    embedding and the final norm. At batch 1 on a GPU each launch costs a few microseconds
-    of latency inside the graph, a large share of a small model's step."""
+    embedding and the final norm. Fused, each norm -> projection pair (and the silu-and-mul
+    after the second) is one launch, leaving two matmuls. At batch 1 on a GPU each launch
+    costs a few microseconds of latency inside the graph, a large share of a small model's
+    step."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("counts the interpreter's launches")
@@ -313,17 +319,28 @@ def test_decode_step_launches_per_layer():
         num_splits=2,
     )
     cs = rope_cos_sin_cache(cfg, 256)
-    counts = _count_launches(lambda: forward(model, triton_ops, batch, kv, cs))
+    counts = _count_launches(lambda: forward(model, triton_ops, batch, kv, cs, fused))
     layers = cfg.num_layers
-    assert counts == {
+    common = {
         "aten::embedding": 1,
-        "aten::mm": 4 * layers,
-        "_rms_norm_kernel": 2 * layers + 1,
         "_rotary_kernel": layers,
         "_paged_attention_kernel": layers,
         "_combine_splits_kernel": layers,
-        "_silu_and_mul_kernel": layers,
-    }, counts
+    }
+    if fused:
+        assert counts == {
+            **common,
+            "aten::mm": 2 * layers,
+            "_rms_norm_linear_kernel": 2 * layers,
+            "_rms_norm_kernel": 1,
+        }, counts
+    else:
+        assert counts == {
+            **common,
+            "aten::mm": 4 * layers,
+            "_rms_norm_kernel": 2 * layers + 1,
+            "_silu_and_mul_kernel": layers,
+        }, counts
 
 
 def test_gpu_bench_engine_decode_time_runs_on_the_cpu_engine():
@@ -375,3 +392,35 @@ def test_gpu_bench_prefill_step_and_flops():
     attention = 2 * 2 * 4 * 16 * 20 * 21 / 2
     want_flops = 2 * 60 * per_layer * 2 + 3 * 2 * attention + 2 * 3 * 64 * 64
     assert prefill_flops(model, 3, 20) == want_flops
+
+
+def test_gpu_bench_fused_linear_times_compares_the_two_paths(monkeypatch):
+    """The benchmark's side-by-side times a decode step once through the unfused path and once
+    through ``rms_norm_linear`` (here each "time" is the step's launch count, from the
+    interpreter), and leaves the runner's own setting as it was."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors need the interpreter")
+    from benchmarks import gpu_bench
+    from engine_svc.cuda_runner import CudaModelRunner
+
+    cfg = _tiny_cfg()
+    runner = CudaModelRunner(dummy_model(cfg, torch.float32, seed=3), cfg, torch.float32, BLOCK,
+                             4, 64, enforce_eager=True, device="cpu")  # fmt: skip
+    runner.init_kv_cache(8, 64)
+    kernels_seen = []
+
+    def launches(fn, iters, reps=10):
+        counts = _count_launches(fn)
+        kernels_seen.append(counts)
+        return float(sum(counts.values()))
+
+    monkeypatch.setattr(gpu_bench, "graph_time", launches)
+    times = gpu_bench.fused_linear_times(runner, [1, 2], context=20, iters=1)
+    layers = cfg.num_layers
+    assert set(times) == {1, 2}
+    for unfused, fused in times.values():
+        assert unfused - fused == 3 * layers  # two norms and a silu-and-mul per layer
+    assert "_rms_norm_linear_kernel" not in kernels_seen[0]
+    assert kernels_seen[1]["_rms_norm_linear_kernel"] == 2 * layers
+    assert runner.fused_norm_linear is False
