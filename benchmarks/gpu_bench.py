@@ -103,9 +103,8 @@ def cuda_time(fn, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graph_time(fn, iters: int, reps: int = 10) -> float:
-    """Median seconds per call of `reps` back-to-back calls replayed from one CUDA graph, so
-    that host launch overhead stays out of the figure (for timing single kernels)."""
+def capture(fn, reps: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `reps` back-to-back calls of `fn` (run once first, to compile)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -115,7 +114,13 @@ def graph_time(fn, iters: int, reps: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    return cuda_time(graph.replay, iters) / reps
+    return graph
+
+
+def graph_time(fn, iters: int, reps: int = 10) -> float:
+    """Median seconds per call of `reps` back-to-back calls replayed from one CUDA graph, so
+    that host launch overhead stays out of the figure (for timing single kernels)."""
+    return cuda_time(capture(fn, reps).replay, iters) / reps
 
 
 def copy_bandwidth() -> float:
@@ -257,12 +262,22 @@ def engine_decode_time(engine: LLMEngine, context: int, steps: int = 64) -> floa
 
 
 def profile_decode_step(engine: LLMEngine, context: int, steps: int = 10) -> None:
-    """Print GPU time per kernel of batch-1 decode steps (replayed from the graph, then eager):
-    where a step's time goes, and how much of it is gaps between kernels."""
+    """Print GPU time per kernel of batch-1 decode steps (replayed from the graph, then eager,
+    then from a graph with the fused norm -> projection): where a step's time goes, and how
+    much of it is gaps between kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager, graph = decode_step_fns(engine.runner, 1, context)
-    for name, fn in (("graph replay", graph), ("eager", eager)):
+    runner = engine.runner
+    eager, graph = decode_step_fns(runner, 1, context)
+    before = runner.fused_norm_linear
+    runner.fused_norm_linear = True
+    try:
+        with torch.inference_mode():
+            fused = capture(eager).replay  # captured with the fused path; replays it after
+    finally:
+        runner.fused_norm_linear = before
+    cases = (("graph replay", graph), ("eager", eager), ("graph replay, fused norm->linear", fused))
+    for name, fn in cases:
         with torch.inference_mode():
             for _ in range(3):
                 fn()
@@ -338,16 +353,18 @@ def attention_bandwidth(cases: list[tuple[int, int]], iters: int) -> list[tuple]
 
 def linear_sweep(iters: int) -> None:
     """Time launch configurations of ``rms_norm_linear`` on the 1B's decode projections (the
-    model whose batch-1 step is furthest from its floor) at batch 1 and 8, against the unfused path (Triton norm, then a cuBLAS matmul, then
-    silu-and-mul for the MLP); best first. For choosing its defaults."""
+    model whose batch-1 step is furthest from its floor) at 1 and 16 rows (the fused path's
+    range), against the unfused path (Triton norm, then a cuBLAS matmul, then silu-and-mul for
+    the MLP). Each line prints as it is measured, so a time limit keeps what ran."""
     from kernels.triton_ops import fused_add_rms_norm, rms_norm_linear, silu_and_mul
 
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     shapes = [("1B qkv", 2048, 3072, False), ("1B gate_up", 2048, 8192, True)]
     for name, hidden, n, gated in shapes:
         w = torch.randn(2 * n if gated else n, hidden, **bf16) * 0.02
+        weight = w.numel() * w.element_size()
         nw = torch.ones(hidden, **bf16)
-        for rows in (1, 8):
+        for rows in (1, 16):
             x, r = torch.randn(rows, hidden, **bf16), torch.randn(rows, hidden, **bf16)
 
             def unfused(x=x, r=r, w=w, nw=nw, gated=gated):
@@ -357,29 +374,23 @@ def linear_sweep(iters: int) -> None:
 
             want = unfused()
             base = graph_time(unfused, iters)
-            rows_out = []
+            print(f"sweep {name} rows={rows}: unfused {_ms(base)} "
+                  f"({weight / base / 1e9:.0f} GB/s of weight)", flush=True)  # fmt: skip
             for block_n in (16, 32, 64):
                 for block_k in (128, 256):
-                    for stages in (3, 4):
-                        kw = dict(block_n=block_n, block_k=block_k, num_stages=stages)
-                        call = partial(rms_norm_linear, x, r, nw, 1e-5, w, None, gated, **kw)
-                        try:
-                            err = (call()[0].float() - want.float()).abs().max().item()
-                            t = graph_time(call, iters)
-                        except Exception as e:  # e.g. out of shared memory
-                            print(f"  {name} rows={rows} {kw}: {type(e).__name__}")
-                            continue
-                        if not err <= 5e-2:  # a bf16 ulp or two of outputs of size ~1; NaN fails
-                            print(f"  {name} rows={rows} {kw}: WRONG, err {err:.1e}")
-                            continue
-                        rows_out.append((t, kw, err))
-            rows_out.sort(key=lambda row: row[0])
-            weight = w.numel() * w.element_size()
-            print(f"sweep {name} rows={rows}: unfused {_ms(base)} "
-                  f"({weight / base / 1e9:.0f} GB/s of weight); fused, best first:")  # fmt: skip
-            for t, kw, err in rows_out[:5]:
-                print(f"  {_ms(t)} ({base / t:.2f}x unfused, {weight / t / 1e9:.0f} GB/s) {kw} "
-                      f"maxerr={err:.1e}")  # fmt: skip
+                    kw = dict(block_n=block_n, block_k=block_k)
+                    call = partial(rms_norm_linear, x, r, nw, 1e-5, w, None, gated, **kw)
+                    try:
+                        err = (call()[0].float() - want.float()).abs().max().item()
+                        t = graph_time(call, iters)
+                    except Exception as e:  # e.g. out of shared memory
+                        print(f"  {kw}: {type(e).__name__}", flush=True)
+                        continue
+                    if not err <= 5e-2:  # a bf16 ulp or two of outputs of size ~1; NaN fails
+                        print(f"  {kw}: WRONG, err {err:.1e}", flush=True)
+                        continue
+                    print(f"  {kw}: {_ms(t)} ({base / t:.2f}x unfused, "
+                          f"{weight / t / 1e9:.0f} GB/s) maxerr={err:.1e}", flush=True)  # fmt: skip
         del w
 
 
@@ -591,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
             fl = f"{floor * 1e3:.2f} ms" if b == 1 else ""
             ratio = f"{tg / floor:.2f}×" if (b == 1 and tg) else ""
             lines.append(f"| {shape} | {b} | {_ms(tg)} | {_ms(te)} | {speed} | {fl} | {ratio} |")
-        fused_rows.append((shape, fused_linear_times(engine.runner, [1, 8], args.context, iters)))
+        fused_rows.append(
+            (shape, fused_linear_times(engine.runner, [1, 8, 16], args.context, iters))
+        )
         t_engine = engine_decode_time(engine, args.context)
         print(f"  whole engine, batch 1: {_ms(t_engine)} per token")
         engine_rows.append((shape, t_engine, times.get(1, (None, None))[0]))

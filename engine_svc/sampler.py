@@ -296,11 +296,17 @@ def _raw_logprobs(
 
 
 def _top_lists(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    """Each row's k best (token, logprob), best first; equal logprobs by token id, the order in
-    which argmax picks among ties, so a greedy token tied for best is listed first (topk
-    leaves the order of ties unspecified)."""
+    """Each row's k best (token, logprob), best first, equal logprobs by token id: the order in
+    which argmax picks among ties, so a greedy token tied for best is listed first. topk alone
+    leaves ties in any order and may keep any of the tokens tied at its k-th value, so a row
+    with a tie there takes every token at or above that value, sorted, then the first k."""
     vals, ids = lp.topk(k, dim=-1)
-    return [
-        sorted(zip(i, v, strict=True), key=lambda pair: (-pair[1], pair[0]))
-        for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
-    ]
+    at_kth = (lp == vals[:, -1:]).sum(dim=-1).tolist()  # tokens sharing the k-th value
+    out = []
+    for r, (i, v) in enumerate(zip(ids.tolist(), vals.tolist(), strict=True)):
+        if at_kth[r] > 1 or len(set(v)) < k:  # a tie at or above the k-th value
+            cand = (lp[r] >= v[-1]).nonzero().squeeze(1)  # ascending ids
+            order = torch.sort(lp[r, cand], descending=True, stable=True).indices[:k]
+            i, v = cand[order].tolist(), lp[r, cand[order]].tolist()
+        out.append(list(zip(i, v, strict=True)))
+    return out

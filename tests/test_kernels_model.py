@@ -404,6 +404,7 @@ def test_gpu_bench_fused_linear_times_compares_the_two_paths(monkeypatch):
     from benchmarks import gpu_bench
     from engine_svc.cuda_runner import CudaModelRunner
 
+    monkeypatch.delenv("PAGEDSERVE_FUSED_NORM_LINEAR", raising=False)
     cfg = _tiny_cfg()
     runner = CudaModelRunner(dummy_model(cfg, torch.float32, seed=3), cfg, torch.float32, BLOCK,
                              4, 64, enforce_eager=True, device="cpu")  # fmt: skip

@@ -305,6 +305,15 @@ def test_greedy_token_tied_for_best_is_listed_first() -> None:
         assert out.token_ids[r] == i
         assert [t for t, _ in out.top_logprobs[r][:2]] == [i, j]
         assert out.top_logprobs[r][0][1] == out.logprobs[r]
+    # Ties cut at k: the kept tokens are the lowest ids (CPU topk happens to keep those, CUDA's
+    # makes no such promise). One logprob asked: the kept token is still the greedy one.
+    out = sampler()(logits, [row(logprobs=1, temperature=0.0) for _ in rows])
+    assert [top[0][0] for top in out.top_logprobs] == [i for i, _ in pairs] == out.token_ids
+    # a three-way tie cut at k = 2
+    flat = torch.zeros(1, 1000)
+    flat[0, [700, 20, 400]] = 5.0
+    out = sampler()(flat, [row(logprobs=2, temperature=0.0)])
+    assert out.token_ids == [20] and [t for t, _ in out.top_logprobs[0]] == [20, 400]
 
 
 def test_sampled_logprob_is_returned_outside_the_top_k() -> None:
