@@ -68,8 +68,10 @@ class Limits:
 
 
 def sampling_params(req: pb.GenerateRequest | pb.ChatRequest) -> SamplingParams:
-    """SamplingParams from the flat request fields: unset fields keep the defaults."""
-    kwargs = {}
+    """SamplingParams from the flat request fields: unset fields keep the defaults, except
+    ``max_tokens``: unset stays unset (None), so that the worker applies the server's
+    ``--default-max-tokens`` capped by the room the prompt leaves (not SamplingParams' 16)."""
+    kwargs: dict = {"max_tokens": None}
     for name in _SCALARS:
         if req.HasField(name):
             v = getattr(req, name)

@@ -163,6 +163,16 @@ def test_model_info_and_list_models(client, stack):
     assert [m.id for m in models.models] == ["SmolLM2-135M-Instruct"]
 
 
+def test_unset_max_tokens_takes_the_server_default(client, stack):
+    """No max_tokens: the server's --default-max-tokens (256, as GetModelInfo says), not the
+    offline SamplingParams default of 16; min_tokens above 16 is then no conflict either."""
+    out = generate(client, stack, text="Hi", ignore_eos=True, temperature=0)[0]
+    assert out["final"].usage.completion_tokens == 256 == len(out["token_ids"])
+    assert out["final"].finish_reason == pb.LENGTH
+    out = generate(client, stack, text="Hi", min_tokens=20, temperature=0)[0]
+    assert out["final"].usage.completion_tokens >= 20
+
+
 def test_grpcurl_lists_and_streams_without_proto_file(stack):
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     listed = subprocess.run(
