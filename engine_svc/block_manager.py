@@ -194,6 +194,20 @@ class BlockManager:
                 if self._hash[block] is not None:
                     self._num_evictable += 1
 
+    def forget_uncomputed(self, req_id: str, num_computed_tokens: int) -> None:
+        """Unregister the hashes of the request's blocks past its first ``num_computed_tokens``
+        tokens: blocks are registered when allocated, before their KV is written, so after a
+        step that failed they may hold garbage and must not serve a later prefix hit. The
+        blocks stay with the request; released, they become plain free blocks."""
+        req = self._reqs.get(req_id)
+        if req is None:
+            return
+        for block in req.blocks[num_computed_tokens // self.block_size :]:
+            digest = self._hash[block]
+            if digest is not None:
+                del self._cached[digest]
+                self._hash[block] = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget the hashes of all evictable blocks; True if the prefix cache is now empty.
 

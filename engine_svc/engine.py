@@ -230,10 +230,17 @@ class LLMEngine:
         self.last_step = StepStats(len(sched.seqs), sched.num_batched_tokens, len(sched.preempted))
         if sched.is_empty:
             return []
-        runner_out = self.runner.execute(sched)
-        sampled = self._sample(runner_out)
-        self._record_prompt_logprobs(sched, runner_out)
-        self.scheduler.update(sched, sampled)
+        computed = [(s.request.request_id, s.request.num_computed_tokens) for s in sched.seqs]
+        try:
+            runner_out = self.runner.execute(sched)
+            sampled = self._sample(runner_out)
+            self._record_prompt_logprobs(sched, runner_out)
+            self.scheduler.update(sched, sampled)
+        except BaseException:
+            # This step's KV writes may not have happened: its blocks must not be prefix hits.
+            for rid, num_computed in computed:
+                self.block_manager.forget_uncomputed(rid, num_computed)
+            raise
         now = time.monotonic()
         outputs = []
         for s in runner_out.sample_seqs:

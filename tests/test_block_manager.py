@@ -437,3 +437,16 @@ def test_randomized_simulation_keeps_invariants_and_kv_content() -> None:
     assert hits > 50 and refused > 20 and evictions > 50
     queried, hit_tokens = bm.hit_stats()
     assert 0 < hit_tokens < queried
+
+
+def test_forget_uncomputed_unregisters_only_blocks_past_the_computed_tokens() -> None:
+    """After a failed step: blocks past the tokens computed before it lose their hash (their KV
+    may be garbage) and come back plain free; the blocks before keep theirs."""
+    bm = BlockManager(10, BS)
+    assert bm.allocate("a", PREFIX + [1, 2], 50)  # blocks 0-2 full and registered
+    bm.forget_uncomputed("a", 17)  # block 0 was written before the step; 1 and 2 were not
+    bm.forget_uncomputed("gone", 0)  # an unknown request is a no-op
+    assert bm.find_cached_prefix(PREFIX + [0]) == ([0], 16)
+    bm.free("a")
+    assert counts(bm) == (9, 0, 1)
+    bm.check_invariants()

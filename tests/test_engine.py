@@ -248,3 +248,32 @@ def test_hf_directory_loads_without_gguf(model_dir):
     env = {**os.environ, "PAGEDSERVE_CPU_KERNEL": "0"}
     subprocess.run([sys.executable, "-c", code, str(model_dir)], check=True, env=env,
                    cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
+
+
+def test_a_failed_step_leaves_no_prefix_hits_on_unwritten_blocks(model_dir):
+    """Blocks are registered for prefix hits when allocated, before the step writes their KV.
+    A step that raises (a CUDA out-of-memory, say) must unregister what it did not write: the
+    same prompt afterwards is computed afresh and gives the clean engine's tokens."""
+    llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False)
+    prompt = _prompt(40, 11)  # two full blocks of 16
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    want = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False).generate(
+        [prompt], sp, use_tqdm=False
+    )[0]
+    runner = llm.engine.runner
+    execute = runner.execute
+
+    def fail_once(sched):
+        runner.execute = execute
+        raise RuntimeError("simulated failure inside the forward")
+
+    runner.execute = fail_once
+    with pytest.raises(RuntimeError, match="simulated"):
+        llm.generate([prompt], sp, use_tqdm=False)
+    assert llm.engine.block_manager.num_cached_blocks() == 0
+    got = llm.generate([prompt], sp, use_tqdm=False)[0]
+    assert got.usage.cached_tokens == 0
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    again = llm.generate([prompt], sp, use_tqdm=False)[0]  # now written: a real hit
+    assert again.usage.cached_tokens == 32
+    llm.engine.block_manager.check_invariants()
