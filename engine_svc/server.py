@@ -110,17 +110,27 @@ class EngineIO(threading.Thread):
                 except Exception:  # the IO thread must survive anything, or the engine is deaf
                     log.exception("failed to read from the workers")
             if pull in events:
-                while True:
-                    try:
-                        router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                try:
+                    self._forward(pull, router)
+                except Exception:
+                    log.exception("failed to send to the workers")
             now = time.monotonic()
             if now >= next_beat:
-                self._heartbeat(router)
                 next_beat = now + HEARTBEAT_S
+                try:
+                    self._heartbeat(router)
+                except Exception:
+                    log.exception("failed to send heartbeats")
         router.close()
         pull.close()
+
+    @staticmethod
+    def _forward(pull: zmq.Socket, router: zmq.Socket) -> None:
+        while True:
+            try:
+                router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
 
     def _read(self, router: zmq.Socket) -> None:
         while True:
@@ -145,7 +155,7 @@ class EngineIO(threading.Thread):
             self.workers[ident] = time.monotonic()
             if msg.HasField("hello"):
                 if new:
-                    log.info("worker %s connected", ident.decode(errors="replace"))
+                    log.info("worker %s connected", _name(ident))
                 self._send_status(router, ident)
             else:
                 self.inbox.put((ident, msg))
@@ -155,7 +165,7 @@ class EngineIO(threading.Thread):
         for ident, seen in list(self.workers.items()):
             if now - seen > DEAD_AFTER_S:
                 del self.workers[ident]
-                log.warning("worker %s went silent: aborting its requests", ident.decode())
+                log.warning("worker %s went silent: aborting its requests", _name(ident))
                 self.inbox.put((ident, None))
             else:
                 self._send_status(router, ident)
@@ -163,6 +173,12 @@ class EngineIO(threading.Thread):
     def _send_status(self, router: zmq.Socket, ident: bytes) -> None:
         msg = ipc_pb2.EngineToWorker(status=self.status_fn(ident))
         router.send_multipart([ident, msg.SerializeToString()])
+
+
+def _name(ident: bytes) -> str:
+    """A peer's identity for the log: workers set printable ones, but a socket that sets none
+    gets random bytes from ZeroMQ, which need not be UTF-8."""
+    return ident.decode(errors="backslashreplace")
 
 
 class EngineServer:
@@ -412,4 +428,5 @@ class EngineServer:
 
 def _seq_id(worker: bytes, request_id: str) -> str:
     # Client ids are only unique per worker (and only while in flight): scope them.
-    return f"{worker.decode(errors='replace')}/{request_id}"
+    # Undecodable bytes are escaped, not all merged into one replacement character.
+    return f"{_name(worker)}/{request_id}"
