@@ -159,7 +159,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         md = dict(details.invocation_metadata or ())
         auth = md.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else md.get("x-api-key", "")
-        if any(hmac.compare_digest(key.encode(), k) for k in self.keys):
+        if key and any(hmac.compare_digest(key.encode(), k) for k in self.keys):
             return handler
         message = "missing API key" if not key else "invalid API key"
         return _denied(handler, message)

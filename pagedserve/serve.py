@@ -218,13 +218,30 @@ def _usage_error(message: str):
     raise SystemExit(2)
 
 
+# `up` hands its --api-key values to the gateway in this variable (one per line), not on the
+# gateway's command line, which every local user can read in `ps`.
+KEYS_FROM_UP = "PAGEDSERVE_API_KEYS_FROM_UP"
+
+
+def api_keys(a: argparse.Namespace) -> list[str]:
+    """--api-key values and $PAGEDSERVE_API_KEY; a blank key is a usage error (it would let
+    every call without a key through while looking like auth is on)."""
+    keys = list(a.api_key or []) + os.environ.get(KEYS_FROM_UP, "").splitlines()
+    if os.environ.get("PAGEDSERVE_API_KEY"):
+        keys.append(os.environ["PAGEDSERVE_API_KEY"])
+    for k in keys:
+        if not k.strip():
+            _usage_error("an --api-key is empty (is the variable it came from unset?)")
+        if k != k.strip() or "\n" in k:
+            _usage_error("an --api-key has leading or trailing whitespace or a line break")
+    return keys
+
+
 def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: int):
     from gateway.requests import Limits
     from gateway.server import GatewayConfig
 
-    keys = list(a.api_key or [])
-    if os.environ.get("PAGEDSERVE_API_KEY"):
-        keys.append(os.environ["PAGEDSERVE_API_KEY"])
+    keys = api_keys(a)
     return GatewayConfig(
         host=a.host,
         port=a.port,
@@ -271,6 +288,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
             tls.credentials()
         except TlsConfigError as e:
             _usage_error(str(e))
+    api_keys(a)  # checked here too, before anything starts
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="pagedserve-"))
     addr = Addresses.in_run_dir(run_dir, dp)
     log_args = ["--log-level", a.log_level]
@@ -279,8 +297,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw += ["--default-max-tokens", str(a.default_max_tokens)]
     gw += ["--max-prompt-chars", str(a.max_prompt_chars)]
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
-    for k in a.api_key or []:
-        gw += ["--api-key", k]
+    gw_env = {**os.environ, KEYS_FROM_UP: "\n".join(a.api_key or [])} if a.api_key else None
     if tls is not None:
         gw += ["--tls-cert", tls.cert, "--tls-key", tls.key]
         if tls.client_ca:
@@ -309,7 +326,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
                 )
                 for k in range(a.tokenizer_workers)
             ],
-            Child("gateway", python_argv(*gw, *log_args)),
+            Child("gateway", python_argv(*gw, *log_args), env=gw_env),
         ]
     )
     where = f"{a.host}:{a.port}"

@@ -69,3 +69,22 @@ def test_tokenizer_with_an_engine_given_twice_is_a_clear_error():
     r = _run("tokenizer", "--engine", "tcp://a:5560", "--engine", "tcp://a:5560")
     assert r.returncode == 2
     assert "an --engine address is given twice" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("up", "--api-key", "", "--run-dir", "RUN"),
+        ("up", "--api-key", " key ", "--run-dir", "RUN"),
+        ("gateway", "--api-key", "  ", "--listen", "ipc://RUN/gw.sock", "--metrics-port", "0"),
+    ],
+    ids=["up-empty", "up-padded", "gateway-blank"],
+)
+def test_a_blank_api_key_is_a_clear_error_before_anything_starts(argv, tmp_path):
+    """`--api-key "$KEY"` with KEY unset would otherwise turn auth on and accept every call
+    without a key; refused with exit 2, and `up` creates nothing first."""
+    run = tmp_path / "run"
+    r = _run(*(a.replace("RUN", str(run)) for a in argv), timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--api-key" in r.stderr and "Traceback" not in r.stderr
+    assert not run.exists()

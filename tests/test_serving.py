@@ -422,6 +422,13 @@ def test_api_key_is_required(client, stack, metadata, message):
     assert ok.id
 
 
+def test_api_key_is_not_on_the_gateway_command_line(stack):
+    """`up` hands its keys to the gateway in the environment: command lines are public."""
+    gateways = [p for p in stack.processes() if "pagedserve.cli gateway" in p]
+    assert len(gateways) == 1
+    assert stack.api_key not in gateways[0]
+
+
 def test_same_request_id_twice_at_once_one_is_refused_none_hangs(stack):
     results = _concurrent(
         stack, 4, text="Twice:", max_tokens=8, ignore_eos=True, request_id="dup-1"
