@@ -20,6 +20,8 @@ from pagedserve.ipc import params_to_proto
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.pagedserve.v1 import inference_pb2 as pb
 
+MAX_ROLE_CHARS = 64  # a chat message's role ("system", "user", "assistant", "tool", ...)
+
 # Sampling fields that map one to one onto SamplingParams (same names on both).
 _SCALARS = (
     "max_tokens",
@@ -166,7 +168,11 @@ def conversation(messages, req, limits: Limits) -> ipc_pb2.Conversation:
     for i, m in enumerate(messages):
         if not m.role:
             raise InvalidRequestError(f"messages[{i}].role is empty")
-        total += len(m.content)
+        if len(m.role) > MAX_ROLE_CHARS:
+            raise InvalidRequestError(
+                f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters"
+            )
+        total += len(m.role) + len(m.content)  # the template copies both into the prompt
         conv.messages.add(role=m.role, content=m.content)
     if total > limits.max_prompt_chars:
         raise InvalidRequestError(
@@ -180,5 +186,10 @@ def check_request_id(request_id: str, limits: Limits) -> None:
         raise InvalidRequestError(
             f"request_id is longer than {limits.max_request_id_len} characters"
         )
-    if not request_id.isprintable() or "#" in request_id or "/" in request_id:
-        raise InvalidRequestError("request_id must be printable, without '#' or '/'")
+    # ASCII: it goes back in the x-request-id response header, which gRPC refuses otherwise.
+    if (
+        not (request_id.isascii() and request_id.isprintable())
+        or "#" in request_id
+        or ("/" in request_id)
+    ):
+        raise InvalidRequestError("request_id must be printable ASCII, without '#' or '/'")

@@ -360,6 +360,7 @@ BAD_GENERATE = [
     ("prompt over context", dict(token_ids=pb.TokenIds(ids=[100] * 9000)), INVALID, "context"),
     ("prompt + max_tokens", dict(text="hi", max_tokens=100_000), INVALID, "context"),
     ("bad request id", dict(text="hi", request_id="a/b"), INVALID, "request_id"),
+    ("non-ASCII request id", dict(text="hi", request_id="h\u00e9llo"), INVALID, "ASCII"),
 ]
 
 
@@ -381,6 +382,12 @@ def test_invalid_chat_and_tokenize_requests(client, stack):
     cases = [
         (client.Chat, pb.ChatRequest(), INVALID, "messages is empty"),
         (client.Chat, pb.ChatRequest(messages=[pb.ChatMessage(content="x")]), INVALID, "role"),
+        (
+            client.Chat,
+            pb.ChatRequest(messages=[pb.ChatMessage(role="u" * 65, content="x")]),
+            INVALID,
+            "longer than 64",
+        ),  # fmt: skip
         (client.Tokenize, pb.TokenizeRequest(), INVALID, "set text or messages"),
         (client.Detokenize, pb.DetokenizeRequest(token_ids=[10**6]), INVALID, "vocabulary"),
         (client.GetModelInfo, pb.GetModelInfoRequest(model="nope"), "NOT_FOUND", "nope"),
