@@ -10,6 +10,9 @@ from engine_svc.errors import InvalidRequestError
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
+# Stop ids the server adds to a client's (a chat template's end-of-turn token): allowed on top
+# of MAX_STOP_TOKEN_IDS, which the gateway checks on the client's list alone.
+ADDED_STOP_TOKEN_IDS = 8
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
 MAX_SEED = 2**63 - 1
@@ -112,7 +115,7 @@ class SamplingParams:
             "stop strings must be non-empty strings",
         )
         _check(
-            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+            len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS + ADDED_STOP_TOKEN_IDS,
             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
         )
         _check(

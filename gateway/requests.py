@@ -82,6 +82,10 @@ def sampling_params(req: pb.GenerateRequest | pb.ChatRequest) -> SamplingParams:
             kwargs[name] = float(f"{v:.7g}") if name in _FLOATS else v
     if req.stop:
         kwargs["stop"] = list(req.stop)
+    if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # SamplingParams leaves room for added ids
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(req.stop_token_ids)}"
+        )
     if req.stop_token_ids:
         kwargs["stop_token_ids"] = list(req.stop_token_ids)
     if req.logit_bias:

@@ -400,6 +400,21 @@ def test_invalid_chat_and_tokenize_requests(client, stack):
         assert message in e.value.details()
 
 
+def test_chat_takes_the_documented_count_of_stop_token_ids(client, stack):
+    """64 stop ids are allowed; the chat template's end-of-turn id the worker adds on top must
+    not push a Chat request over the limit."""
+    ids = list(range(1000, 1064))
+    req = pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="Hi")], max_tokens=2,
+                         stop_token_ids=ids)  # fmt: skip
+    out = collect(client.Chat(req, metadata=stack.auth, timeout=60))
+    assert out[0]["final"].usage.completion_tokens >= 1
+    req.stop_token_ids.append(2000)
+    with pytest.raises(grpc.RpcError) as e:
+        collect(client.Chat(req, metadata=stack.auth, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 64 stop_token_ids" in e.value.details()
+
+
 def test_malformed_bytes_are_invalid_argument(stack):
     # A text field holding invalid UTF-8 cannot be built with the generated classes: send the
     # raw bytes. Field 3 (text), wire type 2, length 2, bytes 0xff 0xfe.

@@ -26,6 +26,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from engine_svc.errors import InvalidRequestError, PagedServeError
+from engine_svc.sampling_params import ADDED_STOP_TOKEN_IDS
 from engine_svc.tokenizer import Tokenizer
 from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 from protos.pagedserve.internal.v1 import ipc_pb2
@@ -382,7 +383,8 @@ class Worker:
             self.tokenizer_error = str(e)
             log.error("worker %s cannot load the tokenizer: %s", self.worker_id, e)
             return
-        self._chat_stop_ids = self.tokenizer.chat_stop_token_ids()
+        # At most the few added ids the engine takes beyond a client's MAX_STOP_TOKEN_IDS.
+        self._chat_stop_ids = self.tokenizer.chat_stop_token_ids()[:ADDED_STOP_TOKEN_IDS]
         log.info("worker %s: tokenizer loaded from %s", self.worker_id, path)
 
     # -- engine -> worker ------------------------------------------------------------------
