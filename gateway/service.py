@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,22 @@ FINISH = {
     ipc_pb2.FINISH_ABORT: pb.ABORTED,
 }
 TOKENIZE_TIMEOUT_S = 30.0
+
+
+DEADLINE_MARGIN_S = 0.1  # a stream cancelled this close to its deadline timed out
+
+
+def _counted(handler):
+    """A unary handler whose success counts in pagedserve_requests (failures count in
+    ``_abort``); the method label is the handler's name."""
+
+    @functools.wraps(handler)
+    async def counted(self, request, context):
+        response = await handler(self, request, context)
+        self.metrics.requests.labels(handler.__name__, "OK").inc()
+        return response
+
+    return counted
 
 
 class BadRequest:
@@ -75,8 +92,8 @@ class InferenceService:
 
     async def _stream(self, request, context, method: str):
         t0 = time.monotonic()
-        await _check_parsed(request, context)
-        info = await self._engine_info(context, request.model)
+        await self._check_parsed(request, context, method)
+        info = await self._engine_info(context, request.model, method)
         rid = request.request_id or _metadata(context, "x-request-id") or uuid.uuid4().hex
         try:
             check_request_id(rid, self.limits)
@@ -111,11 +128,17 @@ class InferenceService:
                 yield resp
             finished = True
             self.metrics.requests.labels(method, "OK").inc()
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away or gRPC's own deadline fired: the task is cancelled (a
+            # status set through _abort has been counted there).
+            # A client's own deadline can reach us as a cancel just before ours passes.
+            remaining = context.time_remaining()
+            late = remaining is not None and remaining <= DEADLINE_MARGIN_S
+            self.metrics.requests.labels(method, "DEADLINE_EXCEEDED" if late else "CANCELLED").inc()
+            raise
         finally:
             self.metrics.inflight.dec()
             self.pool.close_stream(stream, abort=not finished)
-            if not finished and context.cancelled():
-                self.metrics.requests.labels(method, "CANCELLED").inc()
 
     async def _relay(self, stream: Stream, n: int, t0: float, context, method: str):
         states = [_IndexState() for _ in range(n)]
@@ -153,8 +176,9 @@ class InferenceService:
         st.completion_tokens += len(d.token_ids)
         if d.text or d.token_ids:
             if st.first_token_time is None:
+                if all(s.first_token_time is None for s in states):  # once per request
+                    self.metrics.ttft.observe(now - t0)
                 st.first_token_time = now
-                self.metrics.ttft.observe(now - t0)
             delta = pb.Delta(text=d.text, token_ids=d.token_ids)
             for lp in d.logprobs:
                 tl = delta.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
@@ -199,8 +223,9 @@ class InferenceService:
         return pb.GenerateResponse(request_id=rid, index=index, final=final)
 
     # -- unary -----------------------------------------------------------------------------
+    @_counted
     async def Abort(self, request, context):
-        await _check_parsed(request, context)
+        await self._check_parsed(request, context, "Abort")
         resp = pb.AbortResponse()
         for rid in request.request_ids:
             stream = self.pool.streams.get(rid)
@@ -212,9 +237,10 @@ class InferenceService:
             resp.aborted.append(rid)
         return resp
 
+    @_counted
     async def Tokenize(self, request, context):
-        await _check_parsed(request, context)
-        info = await self._engine_info(context, request.model)
+        await self._check_parsed(request, context, "Tokenize")
+        info = await self._engine_info(context, request.model, "Tokenize")
         call = ipc_pb2.TokenizeCall()
         kind = request.WhichOneof("input")
         try:
@@ -243,9 +269,10 @@ class InferenceService:
             rendered_prompt=res.text,
         )
 
+    @_counted
     async def Detokenize(self, request, context):
-        await _check_parsed(request, context)
-        info = await self._engine_info(context, request.model)
+        await self._check_parsed(request, context, "Detokenize")
+        info = await self._engine_info(context, request.model, "Detokenize")
         bad = [t for t in request.token_ids if t >= info.vocab_size]
         if bad:
             await self._abort(
@@ -263,6 +290,7 @@ class InferenceService:
         res = await self._call(call, context, "Detokenize")
         return pb.DetokenizeResponse(text=res.text)
 
+    @_counted
     async def ListModels(self, request, context):
         info = self.pool.engine_info()
         if info is None:
@@ -270,9 +298,10 @@ class InferenceService:
         card = pb.ModelCard(id=info.model_id, max_model_len=info.max_model_len, ready=True)
         return pb.ListModelsResponse(models=[card])
 
+    @_counted
     async def GetModelInfo(self, request, context):
-        await _check_parsed(request, context)
-        info = await self._engine_info(context, request.model)
+        await self._check_parsed(request, context, "GetModelInfo")
+        info = await self._engine_info(context, request.model, "GetModelInfo")
         d = SamplingParams()
         out = pb.ModelInfo(
             id=info.model_id,
@@ -299,15 +328,19 @@ class InferenceService:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
-    async def _engine_info(self, context, model: str) -> ipc_pb2.EngineInfo:
+    async def _engine_info(self, context, model: str, method: str) -> ipc_pb2.EngineInfo:
         info = self.pool.engine_info()
         if info is None:
-            await context.abort(
+            await self._abort(
+                context,
+                method,
                 grpc.StatusCode.UNAVAILABLE,
                 "the server is not ready (model loading or a part down)",
             )
         if model and model != info.model_id:
-            await context.abort(
+            await self._abort(
+                context,
+                method,
                 grpc.StatusCode.NOT_FOUND,
                 f"model {model!r} is not served here; this server serves {info.model_id!r}",
             )
@@ -331,13 +364,18 @@ class InferenceService:
         return res
 
     async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
+        """Every refused or failed RPC ends here, so pagedserve_requests counts it."""
         self.metrics.requests.labels(method, code.name).inc()
         await context.abort(code, message)
 
-
-async def _check_parsed(request, context) -> None:
-    if isinstance(request, BadRequest):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+    async def _check_parsed(self, request, context, method: str) -> None:
+        if isinstance(request, BadRequest):
+            await self._abort(
+                context,
+                method,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"malformed request: {request.error}",
+            )
 
 
 def _metadata(context, key: str) -> str | None:

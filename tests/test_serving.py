@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -237,6 +238,27 @@ def test_50_concurrent_streams_complete_and_are_batched(stack):
     assert stack.metrics()["pagedserve_engine_max_step_num_seqs"] > 1
 
 
+def _requests_metric(method: str, code: str) -> str:
+    return f'pagedserve_requests_total{{code="{code}",method="{method}"}}'
+
+
+def _requests(metrics: dict[str, float], method: str, code: str) -> float:
+    return metrics.get(_requests_metric(method, code), 0.0)
+
+
+def test_requests_and_ttft_metrics_count_each_rpc_once(client, stack):
+    """Unary successes count as OK; a stream of n outputs is one time-to-first-token sample."""
+    before = stack.metrics()
+    client.GetModelInfo(pb.GetModelInfoRequest(), metadata=stack.auth, timeout=30)
+    client.Tokenize(pb.TokenizeRequest(text="hi"), metadata=stack.auth, timeout=30)
+    generate(client, stack, text="Tell me:", max_tokens=3, n=3, temperature=1.0, seed=1)
+    after = stack.metrics()
+    for method in ("GetModelInfo", "Tokenize", "Generate"):
+        assert _requests(after, method, "OK") == _requests(before, method, "OK") + 1, method
+    ttft = "pagedserve_time_to_first_token_seconds_count"
+    assert after[ttft] == before.get(ttft, 0.0) + 1
+
+
 def test_cancelled_and_timed_out_streams_free_every_block(stack):
     async def cancel_one(c):
         call = c.Generate(
@@ -266,9 +288,22 @@ def test_cancelled_and_timed_out_streams_free_every_block(stack):
                 *[cancel_one(c) for _ in range(50)], *[time_out_one(c) for _ in range(50)]
             )
 
+    before = stack.metrics()
     codes = asyncio.run(run())
     assert codes[:50] == [grpc.StatusCode.CANCELLED] * 50
     assert codes[50:] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 50
+
+    # Each stream counted once: the 50 cancels (no deadline) as CANCELLED; a timed-out one
+    # as DEADLINE_EXCEEDED, or as CANCELLED when the client's cancel beat the server's clock.
+    def counted(m, code):
+        return _requests(m, "Generate", code) - _requests(before, "Generate", code)
+
+    end = time.monotonic() + 10
+    while counted(m := stack.metrics(), "CANCELLED") + counted(m, "DEADLINE_EXCEEDED") < 100:
+        assert time.monotonic() < end, m
+        time.sleep(0.2)
+    assert counted(m, "CANCELLED") + counted(m, "DEADLINE_EXCEEDED") == 100
+    assert counted(m, "CANCELLED") >= 50
     stack.wait_metric("pagedserve_engine_num_running", lambda v: v == 0)
     stack.wait_metric("pagedserve_engine_kv_blocks_used", lambda v: v == 0)
     stack.wait_metric("pagedserve_streams_in_flight", lambda v: v == 0)
