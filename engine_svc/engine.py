@@ -94,6 +94,11 @@ class LLMEngine:
         cuda_runner = None
         if self.device.type == "cuda":
             cuda_runner = _make_cuda_runner(model, mc, self.dtype, config, self.device)
+            if config.kv_cache_memory is not None and config.num_kv_blocks is None:
+                log.warning(
+                    "--kv-cache-memory applies to the CPU engine; on CUDA the KV cache takes "
+                    "what --gpu-memory-utilization leaves"
+                )
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif cuda_runner is not None:

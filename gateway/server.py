@@ -191,6 +191,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default: a second server on the port would then start without
+    # an error and take half the connections. One server per port.
+    ("grpc.so_reuseport", 0),
 ]
 
 

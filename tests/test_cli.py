@@ -15,6 +15,7 @@ from tests.tiny_models import make_tiny_model
 def test_help_explains_every_flag(sub):
     r = _run(*sub, "--help")
     assert r.returncode == 0
+    assert "(default: None)" not in r.stdout  # a default stated once, and only a real one
     # every option line of argparse's help has a description after it
     for line in r.stdout.splitlines():
         s = line.strip()
@@ -57,6 +58,61 @@ def test_gateway_on_a_taken_port_is_a_clear_error(tmp_path):
     assert r.returncode == 2, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_second_gateway_on_the_same_port_is_a_clear_error(tmp_path):
+    """gRPC's default SO_REUSEPORT would let two servers share a port (and split clients)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.cli", *argv, "--listen", f"ipc://{tmp_path}/a.sock"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        while True:  # until the first one listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < end and first.poll() is None, "first gateway did not start"
+            time.sleep(0.2)
+        r = _run(*argv, "--listen", f"ipc://{tmp_path}/b.sock", timeout=60)
+    finally:
+        first.terminate()
+        first.communicate(timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (("gateway", "--port", "99999"), "--port: must be in [1, 65535], got 99999"),
+        (("gateway", "--metrics-port", "-1"), "--metrics-port: must be in [0, 65535]"),
+        (("gateway", "--expect-workers", "0"), "--expect-workers: must be >= 1"),
+        (("up", "--dp", "0"), "--data-parallel-size/--dp: must be >= 1"),
+        (("up", "--tokenizer-workers", "0"), "--tokenizer-workers/--workers: must be >= 1"),
+        (("tokenizer", "--workers", "0"), "must be >= 1"),
+        (("engine", "--num-threads", "-1"), "--num-threads: must be >= 1"),
+        (("up", "--max-inflight", "0"), "--max-inflight: must be >= 1"),
+        (("health", "--engine", "tcp://127.0.0.1:1", "--timeout", "-1"), "positive number"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
+)
+def test_out_of_range_numbers_are_usage_errors(argv, message):
+    """Ports wrapped around (99999 listened on 34463), zero workers reported SERVING with
+    nothing behind it, a negative timeout waited forever: all exit 2 with the range now."""
+    r = _run(*argv, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_health_of_a_server_that_is_not_there():
