@@ -294,19 +294,20 @@ class LLMEngine:
                 continue
             req = s.request
             start = req.num_computed_tokens
-            # Entry k belongs to prompt token k; a recompute after preemption adds nothing new.
-            if len(req.prompt_logprobs) != (start + 1 if start else 0):
-                continue
-            if start == 0:
+            # Entry k belongs to prompt token k. Row j of this chunk predicts token
+            # start + j + 1: record the rows past what is recorded (a recompute after a
+            # preemption may cut its chunks elsewhere, so it overlaps by any amount).
+            if start == 0 and not req.prompt_logprobs:
                 req.prompt_logprobs.append(None)  # the first token has no context
                 req.prompt_top_logprobs.append([])
-            # Row j predicts token start + j + 1; only prompt positions count.
+            have = len(req.prompt_logprobs)
+            skip = have - start - 1  # rows whose token is recorded already
             n = min(s.num_new_tokens, req.num_prompt_tokens - 1 - start)
-            if n <= 0:
+            if skip < 0 or n <= skip:
                 continue
-            targets = torch.tensor(req.prompt_token_ids[start + 1 : start + 1 + n])
+            targets = torch.tensor(req.prompt_token_ids[have : start + 1 + n])
             lps, tops = self.sampler.prompt_logprobs(
-                logits[:n], targets, req.params.prompt_logprobs
+                logits[skip:n], targets, req.params.prompt_logprobs
             )
             req.prompt_logprobs.extend(lps)
             req.prompt_top_logprobs.extend(tops)

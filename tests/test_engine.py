@@ -277,3 +277,28 @@ def test_a_failed_step_leaves_no_prefix_hits_on_unwritten_blocks(model_dir):
     again = llm.generate([prompt], sp, use_tqdm=False)[0]  # now written: a real hit
     assert again.usage.cached_tokens == 32
     llm.engine.block_manager.check_invariants()
+
+
+def test_prompt_logprobs_complete_after_preemptions_mid_prefill(model_dir):
+    """A prompt whose prefill is preempted and recomputed (its chunks then fall elsewhere)
+    still gets one prompt logprob per token, equal to an undisturbed run's."""
+    prompt = _prompt(56, 21)
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    calm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False)
+    want = calm.generate([prompt], sp, use_tqdm=False)[0]
+    # 8 blocks of 8 tokens, 8 tokens a step: a decoding neighbour keeps preempting the prompt.
+    tight = LLM(str(model_dir), dtype="float32", num_kv_blocks=8, block_size=8,
+                max_num_batched_tokens=8, progress=False)  # fmt: skip
+    busy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sched, preempted = tight.engine.scheduler, []
+    preempt = sched._preempt
+    sched._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
+    outs = tight.generate([_prompt(9, 22), prompt], [busy, sp], use_tqdm=False)
+    assert len(preempted) >= 2
+    got = outs[1]
+    assert len(got.prompt_logprobs) == len(prompt) == len(want.prompt_logprobs)
+    assert got.prompt_logprobs[0] is None
+    for g, w in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], strict=True):
+        assert g.keys() == w.keys()
+        for tok in g:
+            assert g[tok] == pytest.approx(w[tok], abs=1e-4)
