@@ -19,7 +19,7 @@ from engine_svc.model_loader import dummy_model, load_model
 from engine_svc.model_runner import ModelRunner, RunnerOutput
 from engine_svc.request import FinishReason, Request
 from engine_svc.sampler import Sampler, SamplingRow
-from engine_svc.sampling_params import SamplingParams
+from engine_svc.sampling_params import MAX_N, SamplingParams
 from engine_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("pagedserve.engine")
@@ -223,7 +223,8 @@ class LLMEngine:
         for rid in request_ids:
             if rid in reqs:
                 expanded.append(rid)
-            expanded.extend(k for k in reqs if k.startswith(rid + "#"))
+            # siblings are rid#0 .. rid#{n-1}, n <= MAX_N: look them up, not scan every request
+            expanded.extend(k for k in (f"{rid}#{i}" for i in range(MAX_N)) if k in reqs)
         return self.scheduler.abort(expanded)
 
     def has_unfinished_requests(self) -> bool:

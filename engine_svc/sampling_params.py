@@ -59,15 +59,15 @@ class SamplingParams:
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         _check(
-            isinstance(self.n, int) and 1 <= self.n <= MAX_N,
+            _int(self.n) and 1 <= self.n <= MAX_N,
             f"n must be in [1, {MAX_N}], got {self.n!r}",
         )
         _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
             f"max_tokens must be >= 1, got {self.max_tokens!r}",
         )
         _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _int(self.min_tokens) and self.min_tokens >= 0,
             f"min_tokens must be >= 0, got {self.min_tokens!r}",
         )
         _check(
@@ -83,7 +83,7 @@ class SamplingParams:
             f"top_p must be in (0, 1], got {self.top_p!r}",
         )
         _check(
-            isinstance(self.top_k, int) and self.top_k >= -1,
+            _int(self.top_k) and self.top_k >= -1,
             f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
         )
         _check(
@@ -103,7 +103,7 @@ class SamplingParams:
             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty!r}",
         )
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+            self.seed is None or (_int(self.seed) and 0 <= self.seed <= MAX_SEED),
             f"seed must be in [0, 2^63-1], got {self.seed!r}",
         )
         _check(
@@ -119,13 +119,13 @@ class SamplingParams:
             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
         )
         _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",
         )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(
-                v is None or (isinstance(v, int) and 0 <= v <= MAX_LOGPROBS),
+                v is None or (_int(v) and 0 <= v <= MAX_LOGPROBS),
                 f"{name} must be in [0, {MAX_LOGPROBS}], got {v!r}",
             )
         if self.logit_bias:
@@ -157,8 +157,14 @@ class SamplingParams:
 
 
 def _finite(x: object) -> bool:
-    return (
-        isinstance(x, (int, float))
-        and not isinstance(x, bool)
-        and float("-inf") < float(x) < float("inf")
-    )
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return float("-inf") < float(x) < float("inf")
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _int(x: object) -> bool:
+    """An integer, and not a bool (True would pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -387,3 +387,22 @@ def test_half_precision_logits(dtype: torch.dtype) -> None:
 def test_rejects_mismatched_rows() -> None:
     with pytest.raises(ValueError):
         sampler()(torch.zeros(2, 5), [row()])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=10**400), "temperature"),  # an int too large for a float
+        (dict(top_p=-(10**400)), "top_p"),
+        (dict(n=True), "n must be"),  # a bool is not a count
+        (dict(seed=True), "seed"),
+        (dict(max_tokens=True), "max_tokens"),
+        (dict(stop_token_ids=[False]), "stop_token_ids"),
+        (dict(logprobs=True), "logprobs"),
+    ],
+)
+def test_sampling_params_refuse_overflow_and_bools_with_a_typed_error(kwargs, message):
+    from engine_svc.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=message):
+        SamplingParams(**kwargs)
