@@ -62,6 +62,8 @@ class LLM:
         path = self.engine.model_path
         self.tokenizer = Tokenizer(path) if path and (path / "tokenizer.json").is_file() else None
         self._ids = itertools.count()
+        self._stop_seen: dict[str, int] = {}  # request id -> text length at its last check
+        self._stop_at: dict[str, tuple[int, str]] = {}  # request id -> (text index, stop string)
 
     def generate(
         self,
@@ -154,19 +156,32 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 outs = self.engine.step()
                 for o in outs:
-                    if o.request.params.stop and o.finish_reason is None:
-                        self._check_stop_strings(o.request)
+                    req = o.request
+                    if req.params.stop and req.finish_reason in (None, FinishReason.LENGTH):
+                        self._check_stop_strings(req)  # the last token's text counts too
                     if o.request.is_finished:
                         bar.update(1)
 
     def _check_stop_strings(self, req: Request) -> None:
+        """Once ``min_tokens`` are out, a stop string found in the text the newest token
+        added (or reaching into it) ends the sequence, as in vLLM."""
         tok = self._require_tokenizer()
+        rid = req.request_id
         text = tok.decode(req.output_token_ids, req.params.skip_special_tokens)
-        tail = max(len(s) for s in req.params.stop) + 16
-        window = text[-tail:]
-        if any(s in window for s in req.params.stop):
-            self.engine.abort_request([req.request_id])
+        seen = self._stop_seen.get(rid, 0)
+        self._stop_seen[rid] = len(text)
+        if len(req.output_token_ids) < req.params.min_tokens:
+            return
+        # Only a match that ends in the new text: earlier ones were there before min_tokens.
+        found = [
+            (i, st)
+            for st in req.params.stop
+            if (i := text.find(st, max(0, seen - len(st) + 1))) >= 0
+        ]
+        if found:
+            self.engine.abort_request([rid])  # nothing to do when it had just finished
             req.finish_reason = FinishReason.STOP_SEQUENCE
+            self._stop_at[rid] = min(found, key=lambda m: (m[0], -len(m[1])))  # ties: longest
 
     def _output(self, rid: str, prompt: PromptType, reqs: list[Request]) -> RequestOutput:
         outs = [self._completion(i, r) for i, r in enumerate(reqs)]
@@ -198,10 +213,15 @@ class LLM:
         text, stop_reason = "", r.stop_token_id
         if self.tokenizer is not None:
             text = self.tokenizer.decode(ids, r.params.skip_special_tokens)
-            if r.finish_reason is FinishReason.STOP_SEQUENCE:
-                text, stop_reason = _cut_at_stop(
-                    text, r.params.stop, r.params.include_stop_str_in_output
+            at = self._stop_at.pop(r.request_id, None)
+            if r.finish_reason is FinishReason.STOP_SEQUENCE and at is not None:
+                i, stop_reason = at
+                text = (
+                    text[: i + len(stop_reason)]
+                    if r.params.include_stop_str_in_output
+                    else text[:i]
                 )
+        self._stop_seen.pop(r.request_id, None)
         logprobs = None
         if r.params.logprobs is not None:
             logprobs = [_lp_dict(t, lp, top) for t, lp, top in zip(ids, r.logprobs, r.top_logprobs)]
@@ -219,16 +239,3 @@ def _lp_dict(token: int, lp: float, top: list[tuple[int, float]]) -> dict[int, f
     d = {t: v for t, v in top}
     d[token] = lp
     return d
-
-
-def _cut_at_stop(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
-    """Cut at the earliest stop string (ties: the longest)."""
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
-            best = (i, s)
-    if best is None:
-        return text, None
-    i, s = best
-    return (text[: i + len(s)] if include else text[:i]), s

@@ -302,3 +302,64 @@ def test_prompt_logprobs_complete_after_preemptions_mid_prefill(model_dir):
         assert g.keys() == w.keys()
         for tok in g:
             assert g[tok] == pytest.approx(w[tok], abs=1e-4)
+
+
+class _TokenText:
+    """A stand-in tokenizer for the stop-string checks: token t reads "[t]", padded to 40
+    characters for t in ``long``."""
+
+    def __init__(self, long=()) -> None:
+        self.long = set(long)
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return "".join(f"[{t}]" + ("." * 36 if t in self.long else "") for t in ids)
+
+
+def _stop_llm(model_dir, long=()) -> LLM:
+    llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False)
+    llm.tokenizer = _TokenText(long)
+    return llm
+
+
+def _distinct_greedy(llm, n: int) -> tuple[list[int], list[int]]:
+    """A prompt whose first n greedy tokens are all different, and those tokens."""
+    for seed in range(100, 200):
+        prompt = _prompt(7, seed)
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        ids = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        if len(set(ids)) == n:
+            return prompt, ids
+    raise AssertionError("no prompt with distinct greedy tokens")
+
+
+def test_offline_stop_string_in_the_last_token_counts(model_dir):
+    llm = _stop_llm(model_dir)
+    prompt, ids = _distinct_greedy(llm, 4)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, stop=[f"[{ids[3]}]"])
+    out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop_sequence" and out.token_ids == ids
+    assert out.text == "".join(f"[{t}]" for t in ids[:3]) and out.stop_reason == f"[{ids[3]}]"
+    # the only token (max_tokens=1): checked too
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, stop=[f"[{ids[0]}]"])
+    out = llm.generate([prompt], one, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop_sequence" and out.text == ""
+
+
+def test_offline_stop_string_at_the_start_of_a_long_token_is_found(model_dir):
+    llm = _stop_llm(model_dir)
+    prompt, ids = _distinct_greedy(llm, 6)
+    llm.tokenizer = _TokenText(long=ids)  # every token 40 characters
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop=[f"[{ids[2]}]"])
+    out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop_sequence" and out.token_ids == ids[:3]
+
+
+def test_offline_stop_strings_wait_for_min_tokens(model_dir):
+    llm = _stop_llm(model_dir)
+    prompt, ids = _distinct_greedy(llm, 5)
+    sp = SamplingParams(temperature=0, max_tokens=5, min_tokens=3, ignore_eos=True,
+                        stop=[f"[{ids[0]}]", f"[{ids[3]}]"])  # fmt: skip
+    out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    # the first stop string came before min_tokens: ignored, and not where the text is cut
+    assert out.finish_reason == "stop_sequence" and out.token_ids == ids[:4]
+    assert out.text == "".join(f"[{t}]" for t in ids[:3]) and out.stop_reason == f"[{ids[3]}]"
