@@ -27,7 +27,7 @@ from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine, StepOutput
 from engine_svc.errors import InvalidRequestError, QueueFullError
 from engine_svc.request import FinishReason
-from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, params_from_proto, prepare_bind
+from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, bind, params_from_proto
 from protos.pagedserve.internal.v1 import ipc_pb2
 
 log = logging.getLogger("pagedserve.engine")
@@ -85,10 +85,9 @@ class EngineIO(threading.Thread):
 
     def run(self) -> None:
         try:
-            prepare_bind(self.address)
             router = self.ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
-            router.bind(self.address)
+            bind(router, self.address)
             pull = self.ctx.socket(zmq.PULL)
             pull.bind(self._out_addr)
         except BaseException as e:  # surfaced by start()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S, prepare_bind
+from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S, bind
 from protos.pagedserve.internal.v1 import ipc_pb2
 
 log = logging.getLogger("pagedserve.gateway")
@@ -74,7 +74,6 @@ class WorkerPool:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        prepare_bind(self.address)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -83,7 +82,7 @@ class WorkerPool:
         # back under its identity before the old connection is torn down here: take the new
         # one, or every message of that worker would be dropped from then on.
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self._sock.bind(self.address)
+        bind(self._sock, self.address)
         self._tasks = [
             asyncio.create_task(self._reader(), name="workers-reader"),
             asyncio.create_task(self._watchdog(), name="workers-watchdog"),

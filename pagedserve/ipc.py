@@ -6,6 +6,7 @@ Every frame on a socket is one serialized protobuf message from ``protos/`` (no 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,18 +37,57 @@ class Addresses:
             gateway=f"ipc://{run_dir}/gateway.sock",
         )
 
+    def all(self) -> list[str]:
+        return [*self.engines, self.gateway]
 
-def prepare_bind(address: str) -> None:
-    """Create the directory of an ipc:// socket and remove a stale socket file."""
+
+class BindError(Exception):
+    """An address this process cannot listen on: a configuration error (exit 2), which the
+    supervisor does not retry."""
+
+
+def prepare_bind(address: str, remove_stale: bool = True) -> None:
+    """Check an ipc:// address before binding it: create its directory, refuse a path over
+    ZeroMQ's limit or a socket another live process listens on, and remove a stale socket
+    file (what a killed process left). ``remove_stale=False`` only checks (for ``up``)."""
     if not address.startswith("ipc://"):
         return
     path = Path(address[len("ipc://") :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
     # ZeroMQ limits ipc paths to the size of sockaddr_un.sun_path.
     if len(os.fsencode(str(path))) > 107:
-        raise ValueError(f"ipc socket path is too long (max 107 bytes): {path}")
+        raise BindError(f"ipc socket path is too long (max 107 bytes): {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BindError(f"cannot create the directory of {address}: {e.strerror}") from None
+    if path.is_socket() and _listening(path):
+        raise BindError(f"{address} is in use by a running process (another pagedserve?)")
+    if remove_stale and (path.exists() or path.is_symlink()):
+        try:
+            path.unlink()
+        except OSError as e:
+            raise BindError(f"cannot remove the old socket file {path}: {e.strerror}") from None
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:  # refused: nobody behind the file
+            return False
+    return True
+
+
+def bind(sock, address: str) -> None:
+    """``prepare_bind``, then bind a ZeroMQ socket; any failure is a ``BindError``."""
+    import zmq
+
+    prepare_bind(address)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as e:
+        raise BindError(f"cannot listen on {address}: {e}") from None
 
 
 def params_to_proto(p: SamplingParams) -> ipc_pb2.SamplingParams:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from pagedserve.ipc import Addresses
+from pagedserve.ipc import Addresses, BindError, prepare_bind
 
 log = logging.getLogger("pagedserve")
 
@@ -187,7 +187,11 @@ def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
         server.stop()
 
     _on_term(stop)
-    server.serve()
+    try:
+        server.serve()
+    except BindError as e:
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2  # a configuration error: the supervisor does not retry it
     return 0
 
 
@@ -295,7 +299,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
     cfg = gateway_config(a, a.listen, a.expect_workers)
     try:
         asyncio.run(Gateway(cfg).serve_forever())
-    except (PortInUseError, TlsConfigError) as e:
+    except (PortInUseError, TlsConfigError, BindError) as e:
         print(f"pagedserve: error: {e}", file=sys.stderr)
         return 2  # a configuration error: the supervisor does not retry it
     return 0
@@ -316,6 +320,12 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
         except TlsConfigError as e:
             _usage_error(str(e))
     api_keys(a)  # checked here too, before anything starts
+    if a.run_dir is not None:  # checked before anything starts: a usable, unused run dir
+        try:
+            for address in Addresses.in_run_dir(Path(a.run_dir), dp).all():
+                prepare_bind(address, remove_stale=False)
+        except BindError as e:
+            _usage_error(f"--run-dir {a.run_dir}: {e}")
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="pagedserve-"))
     addr = Addresses.in_run_dir(run_dir, dp)
     log_args = ["--log-level", a.log_level]
@@ -518,7 +528,12 @@ def _engine_status(address: str, timeout: float):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IDENTITY, f"health-{os.getpid()}".encode())
-    s.connect(address)
+    try:
+        s.connect(address)
+    except zmq.ZMQError as e:
+        s.close()
+        ctx.term()
+        _usage_error(f"cannot connect to {address}: {e}")
     try:
         s.send(ipc_pb2.WorkerToEngine(hello=ipc_pb2.Hello(worker_id="health")).SerializeToString())
         if not s.poll(int(timeout * 1000)):

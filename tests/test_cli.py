@@ -144,3 +144,46 @@ def test_a_blank_api_key_is_a_clear_error_before_anything_starts(argv, tmp_path)
     assert r.returncode == 2, r.stderr
     assert "--api-key" in r.stderr and "Traceback" not in r.stderr
     assert not run.exists()
+
+
+def test_unusable_addresses_are_clear_errors(tmp_path):
+    """A run dir that is a file, an address ZeroMQ cannot parse, an engine address health
+    cannot use: exit 2 with the reason (they were tracebacks, and `up` retried five times)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (("up", "--run-dir", str(afile)), "--run-dir"),
+        (("gateway", "--listen", "bogus", "--metrics-port", "0"), "cannot listen on bogus"),
+        (("health", "--engine", "bogus"), "cannot connect to bogus"),
+    ]
+    for argv, message in cases:
+        r = _run(*argv, timeout=60)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_socket_in_use_is_not_taken_over(tmp_path):
+    """A second server on a live ipc socket (a second `up` with the same run dir, say) used to
+    unlink it and bind its own, cutting the first one off; now it stops with exit 2."""
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(run / "gateway.sock"))
+    live.listen()
+    try:
+        gw = _run("gateway", "--listen", f"ipc://{run}/gateway.sock", "--metrics-port", "0",
+                  timeout=60)  # fmt: skip
+        up = _run("up", "--run-dir", str(run), timeout=60)
+    finally:
+        live.close()
+    for r in (gw, up):
+        assert r.returncode == 2, r.stderr
+        assert "in use by a running process" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "gateway.sock").exists()
+    # once nobody listens, the file is a stale leftover: removed and bound
+    from pagedserve.ipc import prepare_bind
+
+    prepare_bind(f"ipc://{run}/gateway.sock")
+    assert not (run / "gateway.sock").exists()
