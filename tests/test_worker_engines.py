@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -265,3 +266,36 @@ def test_a_full_replica_passes_the_request_to_another_once(rig):
     assert [(e.request_id, e.code) for e in errors] == [("r", ipc_pb2.RESOURCE_EXHAUSTED)]
     assert not rig.engine_msgs(first, "add", 0.3)
     assert rig.worker.active == {}
+
+
+def test_a_sibling_stopped_by_a_stop_string_leaves_the_others_running(rig, model_dir):
+    """n=2: index 0 meets a stop string; the engine, which has not read the abort yet, sends
+    one more output for it. Only that sibling is aborted again; index 1 streams to its end."""
+    from engine_svc.tokenizer import Tokenizer
+
+    rig.wait_ready(0, 1)
+    tok = Tokenizer(Path(model_dir))
+    world, other = tok.encode(" world"), tok.encode(" there")
+    req = ipc_pb2.TextRequest(request_id="r", token_ids=ipc_pb2.PromptIds(ids=[1000] * 20),
+                              params=ipc_pb2.SamplingParams(max_tokens=4, n=2), stop=["world"])  # fmt: skip
+    rig.gw.send_multipart([IDENT, ipc_pb2.GatewayToWorker(generate=req).SerializeToString()])
+    adds = {k: rig.engine_msgs(k, "add", wait=1.0) for k in (0, 1)}
+    (k, [add]) = next((k, v) for k, v in adds.items() if v)
+    eid = add.request_id
+
+    def step(*outs) -> None:
+        rig.status(0)  # both engines stay alive (3 s of silence fails their requests)
+        rig.status(1)
+        msg = ipc_pb2.StepOutputs(outputs=[ipc_pb2.SeqOutput(request_id=eid, **o) for o in outs])
+        rig.engines[k].send_multipart([IDENT, ipc_pb2.EngineToWorker(step=msg).SerializeToString()])
+
+    step(dict(index=0, token_ids=world), dict(index=1, token_ids=other))
+    assert [a.request_ids for a in rig.engine_msgs(k, "abort")] == [[f"{eid}#0"]]
+    step(dict(index=0, token_ids=other), dict(index=1, token_ids=other))  # 0: already stopped
+    aborts = [list(a.request_ids) for a in rig.engine_msgs(k, "abort")]
+    assert aborts == [[f"{eid}#0"]], aborts  # never the parent id: index 1 is alive
+    step(dict(index=1, token_ids=other, finish_reason=ipc_pb2.FINISH_LENGTH, completion_tokens=3))
+    deltas = [d for b in rig.gateway_msgs("batch", wait=1.0) for d in b.deltas]
+    finals = {d.index: d.finish_reason for d in deltas if d.finish_reason}
+    assert finals == {0: ipc_pb2.FINISH_STOP_SEQUENCE, 1: ipc_pb2.FINISH_LENGTH}
+    assert not rig.worker.active  # nothing left behind

@@ -422,9 +422,15 @@ class Worker:
         stale: list[str] = []
         for out in step.outputs:
             act = self._lookup(out.request_id, eng)
-            if act is None or out.index >= len(act.seqs) or act.seqs[out.index].finished:
-                # Not ours any more (aborted, stopped): make sure the engine drops it too.
+            if act is None:  # not ours any more (aborted, failed): make sure the engine drops it
                 stale.append(out.request_id)  # the engine expands a parent id to its siblings
+                continue
+            if out.index >= len(act.seqs):
+                continue
+            if act.seqs[out.index].finished:
+                # This sibling stopped here (a stop string) while the engine ran one more step:
+                # abort it alone, not the parent id, or its live siblings would go too.
+                stale.append(act.seqs[out.index].engine_id)
                 continue
             try:
                 batch.deltas.append(self._delta(act, out))
