@@ -458,3 +458,28 @@ def test_fuzz_sentencepiece_texts(sp):
         )
         assert "".join(deltas) == expected
         assert not any(REPLACEMENT in d for d in deltas)
+
+
+def test_stop_strings_wait_for_min_tokens(smol):
+    """As in vLLM: no stop string counts before min_tokens tokens are out, and after that only
+    a match that ends in the newly decoded text (an earlier one is not where the text is cut)."""
+    out = out_ids(smol, " stop here, then stop again and more")
+    assert smol.decode(out[:1]) == " stop"
+    detok = IncrementalDetokenizer(smol, [], stop=["stop"], min_tokens=3)
+    text = "".join(detok.add([t]) for t in out if not detok.stopped)
+    assert detok.stopped and detok.matched_stop == "stop"
+    assert text == detok.text == " stop here, then "
+    # without min_tokens the first one stops it
+    first = IncrementalDetokenizer(smol, [], stop=["stop"])
+    first.add(out[:1])
+    assert first.stopped and first.text == " "
+
+
+def test_stop_string_reaching_past_min_tokens_counts(smol):
+    """A match that starts before min_tokens is reached and ends after it counts."""
+    out = out_ids(smol, " say END OF TEXT now")
+    stop = "END OF TEXT"
+    k = next(i for i in range(1, len(out)) if stop in smol.decode(out[: i + 1]))
+    detok = IncrementalDetokenizer(smol, [], stop=[stop], min_tokens=k + 1)
+    text = "".join(detok.add([t]) for t in out[: k + 1])
+    assert detok.stopped and text == " say "

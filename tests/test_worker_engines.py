@@ -299,3 +299,29 @@ def test_a_sibling_stopped_by_a_stop_string_leaves_the_others_running(rig, model
     finals = {d.index: d.finish_reason for d in deltas if d.finish_reason}
     assert finals == {0: ipc_pb2.FINISH_STOP_SEQUENCE, 1: ipc_pb2.FINISH_LENGTH}
     assert not rig.worker.active  # nothing left behind
+
+
+def test_stop_strings_wait_for_min_tokens_in_the_worker(rig, model_dir):
+    """The worker hands min_tokens to its detokenizers: " world" as the first of min_tokens=2
+    tokens does not stop the sequence; as the second it does."""
+    from engine_svc.tokenizer import Tokenizer
+
+    rig.wait_ready(0, 1)
+    world = Tokenizer(Path(model_dir)).encode(" world")
+    req = ipc_pb2.TextRequest(request_id="m", token_ids=ipc_pb2.PromptIds(ids=[1000] * 20),
+                              params=ipc_pb2.SamplingParams(max_tokens=4, min_tokens=2),
+                              stop=["world"])  # fmt: skip
+    rig.gw.send_multipart([IDENT, ipc_pb2.GatewayToWorker(generate=req).SerializeToString()])
+    adds = {k: rig.engine_msgs(k, "add", wait=1.0) for k in (0, 1)}
+    k, [add] = next((k, v) for k, v in adds.items() if v)
+    for _ in range(2):
+        rig.status(0)
+        rig.status(1)
+        out = ipc_pb2.SeqOutput(request_id=add.request_id, index=0, token_ids=world)
+        step = ipc_pb2.StepOutputs(outputs=[out])
+        rig.engines[k].send_multipart(
+            [IDENT, ipc_pb2.EngineToWorker(step=step).SerializeToString()]
+        )
+    deltas = [d for b in rig.gateway_msgs("batch", wait=1.0) for d in b.deltas]
+    assert [d.finish_reason for d in deltas] == [ipc_pb2.FINISH_NONE, ipc_pb2.FINISH_STOP_SEQUENCE]
+    assert "".join(d.text for d in deltas) == " world "

@@ -108,8 +108,9 @@ class IncrementalDetokenizer:
     """Turns one sequence's token ids into text deltas, UTF-8-safe, with stop strings.
 
     A stop string is honoured as soon as it is complete in the text decoded so far (the
-    engine should stop generating at once). Among the matches found by one `add()` the
-    earliest start wins; at the same start, the longest stop string.
+    engine should stop generating at once), once ``min_tokens`` tokens are out (as in vLLM):
+    a match counts only if it ends in text decoded from then on. Among the matches found by
+    one `add()` the earliest start wins; at the same start, the longest stop string.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str):
             stop = [stop]
@@ -131,6 +133,8 @@ class IncrementalDetokenizer:
         self._held = ""  # decoded, not emitted: could be the start of a stop string
         self._parts: list[str] = []  # emitted deltas, joined lazily by `text`
         self._finished = False
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
         self.stopped = False
         self.matched_stop: str | None = None
 
@@ -147,6 +151,7 @@ class IncrementalDetokenizer:
             raise RuntimeError("add() after finish()")
         if self.stopped:
             return ""
+        self._num_tokens += len(token_ids)
         return self._emit(self._held + self._window.push(token_ids), final=False)
 
     def finish(self) -> str:
@@ -162,7 +167,10 @@ class IncrementalDetokenizer:
         return self._emit(self._held + self._window.flush(), final=True)
 
     def _emit(self, pending: str, final: bool) -> str:
-        match = _earliest_stop(pending, self._stops)
+        match = None
+        if self._num_tokens >= self._min_tokens:
+            # Held text never holds a match that counts: one must end in the new text.
+            match = _earliest_stop(pending, self._stops, min_end=len(self._held) + 1)
         if match is not None:
             start, stop = match
             self.stopped, self.matched_stop = True, stop
@@ -175,11 +183,12 @@ class IncrementalDetokenizer:
         return out
 
 
-def _earliest_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """The earliest stop string occurrence in `text` (ties: the longest), or None."""
+def _earliest_stop(text: str, stops: Sequence[str], min_end: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string occurrence in `text` ending at or after `min_end` (ties: the
+    longest), or None."""
     best: tuple[int, str] | None = None
     for s in stops:
-        i = text.find(s)
+        i = text.find(s, max(0, min_end - len(s)))
         if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
             best = (i, s)
     return best

@@ -557,6 +557,7 @@ class Worker:
                     skip_special_tokens=req.skip_special_tokens,
                     stop=list(req.stop),
                     include_stop_str_in_output=req.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
                 act.seqs.append(_Seq(detok, ""))
             self._submit(act, engines)
