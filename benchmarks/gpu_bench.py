@@ -141,7 +141,7 @@ def make_engine(
         device=device,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=8192,
-        max_model_len=4096,
+        max_model_len=min(4096, hf_config.get("max_position_embeddings", 4096)),
         enforce_eager=enforce_eager,
         gpu_memory_utilization=util,
         progress=False,

@@ -85,6 +85,12 @@ class LLMEngine:
         else:  # a config given directly (tests, benchmarks): weights must be dummy
             self.model_path = None
         self.model_config = model_config
+        mpe = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > mpe:
+            # Positions past the model's own have no rotary entry, nor a trained meaning.
+            raise InvalidRequestError(
+                f"max_model_len {config.max_model_len} exceeds the model's context of {mpe} tokens"
+            )
         if config.load_format == "dummy" or self.model_path is None:
             model = dummy_model(model_config, self.dtype, config.seed, self.device)
         else:

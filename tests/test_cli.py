@@ -187,3 +187,21 @@ def test_a_socket_in_use_is_not_taken_over(tmp_path):
 
     prepare_bind(f"ipc://{run}/gateway.sock")
     assert not (run / "gateway.sock").exists()
+
+
+def test_engine_with_an_unusable_model_exits_2_without_retries(tmp_path):
+    """A model that cannot be served is a configuration error (exit 2, which `up` does not
+    retry), not a traceback and five restarts; a failed download stays retryable."""
+    import json
+
+    bad = tmp_path / "yarn"
+    bad.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+           "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}  # fmt: skip
+    (bad / "config.json").write_text(json.dumps(cfg))
+    for model, message in ((bad, "'yarn' is not supported"), (tmp_path / "nope", "does not exist")):
+        r = _run("engine", "--model", str(model), "--listen", f"ipc://{tmp_path}/e.sock",
+                 timeout=120)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr

@@ -363,3 +363,36 @@ def test_offline_stop_strings_wait_for_min_tokens(model_dir):
     # the first stop string came before min_tokens: ignored, and not where the text is cut
     assert out.finish_reason == "stop_sequence" and out.token_ids == ids[:4]
     assert out.text == "".join(f"[{t}]" for t in ids[:3]) and out.stop_reason == f"[{ids[3]}]"
+
+
+def _cfg(**extra) -> dict:
+    return {"architectures": ["MistralForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 32768, **extra}  # fmt: skip
+
+
+def test_sliding_window_models_are_capped_at_the_window(caplog):
+    """This engine attends to the whole context: exact only within a sliding window, so a
+    model that uses one (Mistral 7B v0.1) gets the window as its context, with a warning."""
+    from engine_svc.model_config import ModelConfig
+
+    assert ModelConfig.from_dict(_cfg(sliding_window=4096)).max_position_embeddings == 4096
+    assert "sliding-window" in caplog.text
+    # none, a window as long as the context, or one the model does not use: no cap
+    for extra in ({}, {"sliding_window": None}, {"sliding_window": 32768},
+                  {"sliding_window": 4096, "use_sliding_window": False}):  # fmt: skip
+        assert ModelConfig.from_dict(_cfg(**extra)).max_position_embeddings == 32768
+
+
+def test_unsupported_rope_and_too_long_max_model_len_are_refused_before_loading(tmp_path):
+    import json
+
+    from engine_svc.errors import ModelLoadError
+    from engine_svc.model_config import ModelConfig
+
+    with pytest.raises(ModelLoadError, match="'yarn' is not supported"):
+        ModelConfig.from_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    (tmp_path / "config.json").write_text(json.dumps(_cfg(max_position_embeddings=64)))
+    # no weights in the directory: refused before any would be read
+    with pytest.raises(InvalidRequestError, match="exceeds the model's context of 64"):
+        LLM(str(tmp_path), max_model_len=65, progress=False)
