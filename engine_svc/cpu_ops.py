@@ -21,6 +21,8 @@ is set, ``load()`` returns None and the engine keeps the plain-torch path; witho
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -38,7 +40,6 @@ SOURCES = ("paged_decode.cpp", "packed_linear.cpp", "elementwise.cpp", "bindings
 # copy torch has already loaded (one thread pool). -march=native: the build is tied to this CPU,
 # so the CPU's flags are part of the build name (a cache copied to another CPU rebuilds).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
-STALE_LOCK_S = 600.0
 _lock = threading.Lock()
 _module = None
 _tried = False
@@ -76,39 +77,43 @@ def load():
         if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
             return None
         try:
+            from torch.utils import cpp_extension
             from torch.utils.cpp_extension import load_inline
 
             sources = [(CSRC / f).read_text() for f in SOURCES]
             name = build_name(sources)
-            _remove_stale_lock(name)
-            log.info("building the CPU kernels (once; cached by torch as %s)", name)
-            _module = load_inline(
-                name=name,
-                cpp_sources=sources,  # bindings.cpp binds them (GIL released)
-                extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with build_lock(cpp_extension._get_build_directory(name, False)):
+                log.info("building the CPU kernels (once; cached by torch as %s)", name)
+                _module = load_inline(
+                    name=name,
+                    cpp_sources=sources,  # bindings.cpp binds them (GIL released)
+                    extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
         except Exception as e:  # no compiler or ninja: keep the plain-torch path
             log.warning("CPU kernels unavailable (%s); using the torch path", e)
             _module = None
         return _module
 
 
-def _remove_stale_lock(name: str) -> None:
-    """A build killed mid-way (Ctrl-C during the first start) leaves torch's lock file, and
-    every later build would wait on it forever; no real build takes STALE_LOCK_S."""
-    import time
-
-    from torch.utils import cpp_extension
-
+@contextlib.contextmanager
+def build_lock(build_dir: str):
+    """One build at a time per build directory, across processes (data-parallel replicas
+    starting together), by a flock the kernel drops when its holder dies. While it is held,
+    torch's own lock file can only be a leftover of a build that was killed (SIGKILL, the OOM
+    killer): torch would wait on it forever, so it goes."""
+    os.makedirs(build_dir, exist_ok=True)
+    fd = os.open(os.path.join(build_dir, "pagedserve.flock"), os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
-        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
-            log.warning("removing a stale kernel build lock %s", lock)
-            os.remove(lock)
-    except (OSError, AttributeError):
-        pass
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        leftover = os.path.join(build_dir, "lock")
+        if os.path.exists(leftover):
+            log.warning("removing %s, left by a kernel build that died", leftover)
+            os.remove(leftover)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def paged_decode(

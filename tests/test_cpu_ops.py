@@ -443,3 +443,26 @@ print(json.dumps([r.fused_decode, r.packed_linears, r.model.fused_cpu_ops,
     assert with_kernels[:3] == [True, packed, True]
     assert without[:3] == [False, 0, False]
     assert with_kernels[3] == without[3]
+
+
+def test_build_lock_clears_a_dead_builds_lock_and_excludes_other_processes(tmp_path):
+    """A build killed by SIGKILL leaves torch's lock file, on which every later build waited
+    forever. Under the flock it can only be such a leftover: removed. The flock itself keeps a
+    second process (a data-parallel replica) out while held, and dies with its holder."""
+    import subprocess
+    import sys
+
+    from engine_svc.cpu_ops import build_lock
+
+    (tmp_path / "lock").write_text("")
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    flock = str(tmp_path / "pagedserve.flock")
+    with build_lock(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+        other = subprocess.run([sys.executable, "-c", probe, flock], capture_output=True)
+        assert other.returncode != 0 and b"BlockingIOError" in other.stderr
+    free = subprocess.run([sys.executable, "-c", probe, flock], capture_output=True)
+    assert free.returncode == 0, free.stderr
