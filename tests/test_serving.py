@@ -394,6 +394,7 @@ BAD_GENERATE = [
     ("token id over vocab", dict(token_ids=pb.TokenIds(ids=[1, 10**6])), INVALID, "vocabulary"),
     ("prompt over context", dict(token_ids=pb.TokenIds(ids=[100] * 9000)), INVALID, "context"),
     ("prompt + max_tokens", dict(text="hi", max_tokens=100_000), INVALID, "context"),
+    ("prompt + min_tokens", dict(text="hi", min_tokens=9000), INVALID, "+ min_tokens (9000)"),
     ("bad request id", dict(text="hi", request_id="a/b"), INVALID, "request_id"),
     ("non-ASCII request id", dict(text="hi", request_id="h\u00e9llo"), INVALID, "ASCII"),
 ]

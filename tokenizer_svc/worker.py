@@ -641,6 +641,11 @@ class Worker:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length ({info.max_model_len})"
             )
+        if params.min_tokens > room:  # else a max_tokens the client never sent is blamed
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + min_tokens ({params.min_tokens}) exceeds the "
+                f"context length ({info.max_model_len})"
+            )
         return room
 
     def _tokenize(self, call: ipc_pb2.TokenizeCall) -> ipc_pb2.TokenizeResult:
