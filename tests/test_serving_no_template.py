@@ -60,3 +60,19 @@ def test_chat_template_from_its_own_file(tmp_path):
     )
     tok = Tokenizer(tmp_path)
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<user>Hi<assistant>"
+
+
+def test_template_tojson_takes_hugging_face_keywords(tmp_path):
+    """Templates (tool-calling ones especially) call tojson with sort_keys or separators; our
+    filter raised TypeError on them, an INTERNAL error for every Chat request."""
+    from engine_svc.tokenizer import Tokenizer
+
+    src = fetch_default_model(progress=False)
+    (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m | tojson(sort_keys=True, separators=(',', ':')) }}"
+        "{{ m.content | tojson(indent=2) }}{% endfor %}"
+    )
+    out = Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "é"}])
+    assert out == '{"content":"é","role":"user"}"é"'
