@@ -169,7 +169,9 @@ class LLM:
         rid = req.request_id
         text = tok.decode(req.output_token_ids, req.params.skip_special_tokens)
         seen = self._stop_seen.get(rid, 0)
-        self._stop_seen[rid] = len(text)
+        # A character split across tokens decodes as U+FFFD until its last byte comes: that
+        # tail is not seen yet (the next token's text replaces it).
+        self._stop_seen[rid] = len(text.rstrip("\ufffd"))
         if len(req.output_token_ids) < req.params.min_tokens:
             return
         # Only a match that ends in the new text: earlier ones were there before min_tokens.

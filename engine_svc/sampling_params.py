@@ -116,7 +116,8 @@ class SamplingParams:
         )
         _check(
             len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS + ADDED_STOP_TOKEN_IDS,
-            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(self.stop_token_ids)}",
+            f"at most {MAX_STOP_TOKEN_IDS + ADDED_STOP_TOKEN_IDS} stop_token_ids, "
+            f"got {len(self.stop_token_ids)}",
         )
         _check(
             all(_int(t) and t >= 0 for t in self.stop_token_ids),

@@ -228,7 +228,10 @@ class Gateway:
         except RuntimeError as e:  # grpc raises this when the port is taken
             raise PortInUseError(f"cannot listen on {c.host}:{c.port}: {e}") from None
         if self.bound_port == 0:
-            raise PortInUseError(f"cannot listen on {c.host}:{c.port}")
+            raise PortInUseError(
+                f"cannot listen on {c.host}:{c.port} (another server listens there, or one is "
+                "still shutting down: retry in a few seconds)"
+            )
         await self.server.start()
         if c.metrics_port:
             self.metrics.serve(c.metrics_host, c.metrics_port)

@@ -43,7 +43,13 @@ def _counted(handler):
 
     @functools.wraps(handler)
     async def counted(self, request, context):
-        response = await handler(self, request, context)
+        try:
+            response = await handler(self, request, context)
+        except asyncio.CancelledError:
+            self._count_cancel(handler.__name__, context)
+            raise
+        finally:
+            self._aborted.discard(context)
         self.metrics.requests.labels(handler.__name__, "OK").inc()
         return response
 
@@ -80,15 +86,22 @@ class InferenceService:
             max_inflight,
             metrics,
         )
+        self._aborted: set = set()  # contexts of calls _abort has counted, while they unwind
 
     # -- streaming -------------------------------------------------------------------------
     async def Generate(self, request, context):
-        async for r in self._stream(request, context, "Generate"):
-            yield r
+        try:
+            async for r in self._stream(request, context, "Generate"):
+                yield r
+        finally:
+            self._aborted.discard(context)
 
     async def Chat(self, request, context):
-        async for r in self._stream(request, context, "Chat"):
-            yield r
+        try:
+            async for r in self._stream(request, context, "Chat"):
+                yield r
+        finally:
+            self._aborted.discard(context)
 
     async def _stream(self, request, context, method: str):
         t0 = time.monotonic()
@@ -129,12 +142,8 @@ class InferenceService:
             finished = True
             self.metrics.requests.labels(method, "OK").inc()
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away or gRPC's own deadline fired: the task is cancelled (a
-            # status set through _abort has been counted there).
-            # A client's own deadline can reach us as a cancel just before ours passes.
-            remaining = context.time_remaining()
-            late = remaining is not None and remaining <= DEADLINE_MARGIN_S
-            self.metrics.requests.labels(method, "DEADLINE_EXCEEDED" if late else "CANCELLED").inc()
+            # The client went away or gRPC's own deadline fired: the task is cancelled.
+            self._count_cancel(method, context)
             raise
         finally:
             self.metrics.inflight.dec()
@@ -366,7 +375,16 @@ class InferenceService:
     async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
         """Every refused or failed RPC ends here, so pagedserve_requests counts it."""
         self.metrics.requests.labels(method, code.name).inc()
+        self._aborted.add(context)  # counted: a cancel while the status goes out is not news
         await context.abort(code, message)
+
+    def _count_cancel(self, method: str, context) -> None:
+        if context in self._aborted:
+            return
+        # A client's own deadline can reach us as a cancel just before ours passes.
+        remaining = context.time_remaining()
+        late = remaining is not None and remaining <= DEADLINE_MARGIN_S
+        self.metrics.requests.labels(method, "DEADLINE_EXCEEDED" if late else "CANCELLED").inc()
 
     async def _check_parsed(self, request, context, method: str) -> None:
         if isinstance(request, BadRequest):

@@ -290,7 +290,8 @@ def _add_serving_commands(sub) -> None:
         formatter_class=_HelpFormatter,
         help="exit 0 if the server (or an engine) says it is ready",
         description="Ask the gateway's grpc.health.v1 service (or an engine over ZeroMQ) whether "
-        "it is ready; exit 0 if so, 1 otherwise. Meant for container health checks.",
+        "it is ready; exit 0 if so, 1 otherwise (2 for a usage error, such as an address that "
+        "cannot be used). Meant for container health checks.",
     )
     serve.add_health_args(p)
     p.set_defaults(func=serve.cmd_health)

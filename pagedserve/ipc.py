@@ -74,8 +74,10 @@ def _listening(path: Path) -> bool:
         s.settimeout(1.0)
         try:
             s.connect(str(path))
-        except OSError:  # refused: nobody behind the file
+        except (ConnectionRefusedError, FileNotFoundError):  # nobody behind the file
             return False
+        except OSError:  # a full backlog, another user's socket: someone is there
+            return True
     return True
 
 

