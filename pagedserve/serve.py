@@ -478,13 +478,14 @@ def _supervise(sup) -> int:
 
 
 def _on_term(fn) -> None:
-    """SIGTERM (and SIGINT) call fn, so a part stops cleanly under compose and supervisors."""
+    """SIGTERM, SIGINT and SIGHUP (its terminal closed) call fn, so a part stops cleanly under
+    compose and supervisors, and `up` cleans up after its children."""
 
     def handler(signum, frame):
         fn()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 # -- health ------------------------------------------------------------------------------------

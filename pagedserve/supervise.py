@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -96,6 +97,16 @@ class Supervisor:
                 log.warning("%s did not stop in time: killing it", c.name)
                 c.proc.kill()
                 c.proc.wait()
+            # Its own processes (a model download, a kernel build) are in its session: they go
+            # with it rather than live on as orphans.
+            _kill_group(c.proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left
+        pass
 
 
 def python_argv(*args: str) -> list[str]:
