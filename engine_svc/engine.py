@@ -242,7 +242,6 @@ class LLMEngine:
         self.last_step = StepStats(len(sched.seqs), sched.num_batched_tokens, len(sched.preempted))
         if sched.is_empty:
             return []
-        computed = [(s.request.request_id, s.request.num_computed_tokens) for s in sched.seqs]
         try:
             runner_out = self.runner.execute(sched)
             sampled = self._sample(runner_out)
@@ -250,8 +249,12 @@ class LLMEngine:
             self.scheduler.update(sched, sampled)
         except BaseException:
             # This step's KV writes may not have happened: its blocks must not be prefix hits.
-            for rid, num_computed in computed:
-                self.block_manager.forget_uncomputed(rid, num_computed)
+            # Counted back from where the request stands (update may or may not have moved
+            # it on): forgetting a block too many only costs a cache hit.
+            for s in sched.seqs:
+                req = s.request
+                start = max(0, req.num_computed_tokens - s.num_new_tokens)
+                self.block_manager.forget_uncomputed(req.request_id, start)
             raise
         now = time.monotonic()
         outputs = []

@@ -300,11 +300,13 @@ def _top_lists(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
     which argmax picks among ties, so a greedy token tied for best is listed first. topk alone
     leaves ties in any order and may keep any of the tokens tied at its k-th value, so a row
     with a tie there takes every token at or above that value, sorted, then the first k."""
-    vals, ids = lp.topk(k, dim=-1)
-    at_kth = (lp == vals[:, -1:]).sum(dim=-1).tolist()  # tokens sharing the k-th value
+    # One more than asked: a token outside the k best that ties the k-th shows as the next.
+    vals, ids = lp.topk(min(k + 1, lp.shape[-1]), dim=-1)
     out = []
     for r, (i, v) in enumerate(zip(ids.tolist(), vals.tolist(), strict=True)):
-        if at_kth[r] > 1 or len(set(v)) < k:  # a tie at or above the k-th value
+        tie_at_kth = len(v) > k and v[k] == v[k - 1]
+        i, v = i[:k], v[:k]
+        if tie_at_kth or len(set(v)) < k:  # a tie at or above the k-th value
             cand = (lp[r] >= v[-1]).nonzero().squeeze(1)  # ascending ids
             order = torch.sort(lp[r, cand], descending=True, stable=True).indices[:k]
             i, v = cand[order].tolist(), lp[r, cand[order]].tolist()
