@@ -17,7 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # A C/C++ compiler at run time: the CPU engine builds its C++ kernels (decode attention,
-# packed linear layers) on first start (engine_svc/cpu_ops.py; without one it falls back to
+# packed linear layers) on first start (engine_svc/runner/cpu_ops.py; without one it falls back to
 # the slower torch path),
 # and Triton (CUDA) compiles a small C launcher.
 RUN apt-get update \

@@ -44,11 +44,11 @@ from benchmarks.offline_throughput import (
     make_workload,
 )
 from engine_svc.config import EngineConfig
-from engine_svc.cuda_forward import BatchTensors
-from engine_svc.cuda_runner import decode_num_splits
+from engine_svc.runner.cuda_forward import BatchTensors
+from engine_svc.runner.cuda import decode_num_splits
 from engine_svc.engine import LLMEngine
-from engine_svc.model_config import ModelConfig
-from engine_svc.sampling_params import SamplingParams
+from engine_svc.models.config import ModelConfig
+from protos.sampling import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"

@@ -7,7 +7,7 @@ sequences of long context that used to cost as much as the step itself. This tim
 context lengths, each step adding one token per sequence (a new block every 16 tokens).
 
     python -m benchmarks.runner_host                    # this checkout
-    python -m benchmarks.runner_host --against 128c6d6  # and an older engine_svc/cuda_runner.py,
+    python -m benchmarks.runner_host --against 128c6d6  # and an older engine_svc/runner/cuda.py,
                                                         # side by side in one run
     python -m benchmarks.runner_host --engine-step      # a whole engine step's host time by
                                                         # part, the model forward left out
@@ -27,9 +27,9 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
-from engine_svc import cuda_runner
-from engine_svc.model_config import ModelConfig
-from engine_svc.model_loader import dummy_model
+from engine_svc.runner import cuda as cuda_runner
+from engine_svc.models.config import ModelConfig
+from engine_svc.models.loader import dummy_model
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -38,7 +38,7 @@ NUM_SEQS = 256
 
 def _old_module(rev: str) -> ModuleType:
     src = subprocess.run(
-        ["git", "show", f"{rev}:engine_svc/cuda_runner.py"],
+        ["git", "show", f"{rev}:engine_svc/runner/cuda.py"],
         cwd=REPO, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     path = Path(tempfile.mkdtemp()) / "cuda_runner_old.py"
@@ -100,7 +100,7 @@ def engine_step_host(context: int, steps: int) -> dict[str, float]:
     (vocabulary 64), so the logits and argmax cost nothing here either."""
     from engine_svc.config import EngineConfig
     from engine_svc.engine import LLMEngine
-    from engine_svc.sampling_params import SamplingParams
+    from protos.sampling import SamplingParams
 
     # Early requests decode while later ones prefill (chunked): enough tokens that none ends.
     max_tokens = -(-NUM_SEQS * context // 8192) + 2 * steps + 16

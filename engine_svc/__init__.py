@@ -5,14 +5,14 @@
 
 from __future__ import annotations
 
-from engine_svc.errors import (
+from protos.errors import (
     ContextLengthError,
     InvalidRequestError,
     ModelLoadError,
     PagedServeError,
     QueueFullError,
 )
-from engine_svc.sampling_params import SamplingParams
+from protos.sampling import SamplingParams
 
 __all__ = [
     "LLM",

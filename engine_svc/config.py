@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_svc.errors import InvalidRequestError
+from protos.errors import InvalidRequestError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {

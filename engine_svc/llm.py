@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine
-from engine_svc.errors import InvalidRequestError
-from engine_svc.request import FinishReason, Request
-from engine_svc.sampling_params import SamplingParams
-from engine_svc.tokenizer import Tokenizer
+from protos.errors import InvalidRequestError
+from engine_svc.core.request import FinishReason, Request
+from protos.sampling import SamplingParams
+from engine_svc.models.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine_svc.sampling_params import SamplingParams
+from protos.sampling import SamplingParams
 
 # Temperatures below this are greedy: logits / 1e-30 would overflow to inf (vLLM's _SAMPLING_EPS).
 GREEDY_EPS = 1e-5

@@ -25,9 +25,10 @@ import zmq
 
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine, StepOutput
-from engine_svc.errors import InvalidRequestError, QueueFullError
-from engine_svc.request import FinishReason
-from pagedserve.ipc import DEAD_AFTER_S, HEARTBEAT_S, bind, params_from_proto
+from protos.errors import InvalidRequestError, QueueFullError
+from engine_svc.core.request import FinishReason
+from protos.sampling import params_from_proto
+from protos.transport import DEAD_AFTER_S, HEARTBEAT_S, bind
 from protos.pagedserve.internal.v1 import ipc_pb2
 
 log = logging.getLogger("pagedserve.engine")

@@ -17,10 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.metrics import Metrics
-from gateway.requests import Limits
 from gateway.service import BadRequest, InferenceService
 from gateway.workers import WorkerPool
 from protos.pagedserve.v1 import inference_pb2 as pb
+from protos.requests import Limits
 
 log = logging.getLogger("pagedserve.gateway")
 

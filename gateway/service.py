@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine_svc.errors import InvalidRequestError
-from engine_svc.sampling_params import SamplingParams
 from gateway.metrics import Metrics
-from gateway.requests import Limits, check_request_id, conversation, text_request
 from gateway.workers import Stream, WorkerGone, WorkerPool
+from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.pagedserve.v1 import inference_pb2 as pb
+from protos.requests import Limits, check_request_id, conversation, text_request
+from protos.sampling import SamplingParams
 
 STATUS = {
     ipc_pb2.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S, bind
 from protos.pagedserve.internal.v1 import ipc_pb2
+from protos.transport import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S, bind
 
 log = logging.getLogger("pagedserve.gateway")
 

@@ -2,7 +2,7 @@
 
 Each function has the signature of its Triton counterpart and is the oracle in the kernel
 tests. They are written to be obviously right, not fast: the CPU engine path uses
-``engine_svc.attention`` (batched torch) which is itself tested against these.
+``engine_svc.runner.attention`` (batched torch) which is itself tested against these.
 
 Layouts (shared by every implementation):
   query / key / value: [num_tokens, num_heads | num_kv_heads, head_size]

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from engine_svc.errors import PagedServeError
+from protos.errors import PagedServeError
 from pagedserve.serve import positive_int
 
 
@@ -146,7 +146,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_fetch_model(a: argparse.Namespace) -> int:
-    from engine_svc.model_fetch import fetch_default_model
+    from engine_svc.models.fetch import fetch_default_model
 
     path = fetch_default_model(force=a.force)
     print(path)

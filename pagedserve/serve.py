@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from pagedserve.ipc import Addresses, BindError, prepare_bind
+from protos.transport import Addresses, BindError, prepare_bind
 
 log = logging.getLogger("pagedserve")
 
@@ -174,7 +174,7 @@ def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 # -- engine ------------------------------------------------------------------------------------
 def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     from engine_svc.config import EngineConfig
-    from engine_svc.errors import InvalidRequestError, ModelFetchError, ModelLoadError
+    from protos.errors import InvalidRequestError, ModelFetchError, ModelLoadError
     from engine_svc.server import EngineServer
 
     setup_logging(a.log_level, "engine" if a.index is None else f"engine-{a.index}")
@@ -276,7 +276,7 @@ def api_keys(a: argparse.Namespace) -> list[str]:
 
 
 def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: int):
-    from gateway.requests import Limits
+    from protos.requests import Limits
     from gateway.server import GatewayConfig
 
     keys = api_keys(a)

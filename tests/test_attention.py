@@ -1,11 +1,11 @@
-"""CPU paged attention (engine_svc.attention) against the plain-torch kernel references."""
+"""CPU paged attention (engine_svc.runner.attention) against the plain-torch kernel references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine_svc.attention import attend, build_metadata, write_kv
+from engine_svc.runner.attention import attend, build_metadata, write_kv
 from kernels.reference import paged_attention, reshape_and_cache, rms_norm, rotary_embedding
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine_svc.block_manager import BlockManager
+from engine_svc.core.block_manager import BlockManager
 
 BS = 16
 

@@ -184,7 +184,7 @@ def test_a_socket_in_use_is_not_taken_over(tmp_path):
         assert "in use by a running process" in r.stderr and "Traceback" not in r.stderr
     assert (run / "gateway.sock").exists()
     # once nobody listens, the file is a stale leftover: removed and bound
-    from pagedserve.ipc import prepare_bind
+    from protos.transport import prepare_bind
 
     prepare_bind(f"ipc://{run}/gateway.sock")
     assert not (run / "gateway.sock").exists()
@@ -213,7 +213,7 @@ def test_a_failed_model_download_exits_1_to_be_retried(monkeypatch):
     import argparse
 
     from engine_svc import server
-    from engine_svc.errors import ModelFetchError
+    from protos.errors import ModelFetchError
     from pagedserve import serve
 
     class Offline:

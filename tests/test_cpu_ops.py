@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (engine_svc.cpu_ops) against plain torch.
+"""The C++ CPU kernels (engine_svc.runner.cpu_ops) against plain torch.
 
 Decode attention against ``kernels.reference.paged_attention``: random inputs each run (seed
 printed), blocks that no sequence owns are filled with NaN (a read out of range would poison
@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine_svc import cpu_ops
+from engine_svc.runner import cpu_ops
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine
-from engine_svc.model_config import ModelConfig
+from engine_svc.models.config import ModelConfig
 from kernels import reference
 
 pytestmark = pytest.mark.skipif(
@@ -335,9 +335,9 @@ def test_fused_model_forward_matches_plain():
     """The whole model: fused element-wise ops vs the plain torch ones (packed linears in both),
     head size 64 with 3 query heads per KV head (the fast decode path): two prefills, then two
     decodes over the cached KV mixed with a third prefill in one batch."""
-    from engine_svc.attention import build_metadata
-    from engine_svc.model_loader import dummy_model
-    from engine_svc.model_runner import ModelRunner
+    from engine_svc.runner.attention import build_metadata
+    from engine_svc.models.loader import dummy_model
+    from engine_svc.runner.cpu import ModelRunner
 
     mc = ModelConfig.from_dict(
         {
@@ -452,7 +452,7 @@ def test_build_lock_clears_a_dead_builds_lock_and_excludes_other_processes(tmp_p
     import subprocess
     import sys
 
-    from engine_svc.cpu_ops import build_lock
+    from engine_svc.runner.cpu_ops import build_lock
 
     (tmp_path / "lock").write_text("")
     probe = (

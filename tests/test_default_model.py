@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine_svc import LLM, SamplingParams
-from engine_svc.model_fetch import fetch_default_model
+from engine_svc.models.fetch import fetch_default_model
 
 transformers = pytest.importorskip("transformers")
 

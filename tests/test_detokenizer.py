@@ -18,8 +18,8 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine_svc.errors import InvalidRequestError
-from engine_svc.tokenizer import Tokenizer
+from protos.errors import InvalidRequestError
+from engine_svc.models.tokenizer import Tokenizer
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 
 REPLACEMENT = "\ufffd"
@@ -30,7 +30,7 @@ REPLACEMENT = "\ufffd"
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
     """The default model's tokenizer (byte-level BPE, ByteLevel decoder)."""
-    from engine_svc.model_fetch import fetch_default_model
+    from engine_svc.models.fetch import fetch_default_model
 
     return Tokenizer(fetch_default_model(progress=False))
 

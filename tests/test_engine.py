@@ -243,7 +243,7 @@ def test_hf_directory_loads_without_gguf(model_dir):
         "llm = LLM(sys.argv[1], dtype='float32', num_kv_blocks=16, progress=False)\n"
         "out = llm.generate([[3, 4]], SamplingParams(max_tokens=2, ignore_eos=True))[0]\n"
         "assert len(out.outputs[0].token_ids) == 2\n"
-        "assert 'engine_svc.model_fetch' not in sys.modules\n"
+        "assert 'engine_svc.models.fetch' not in sys.modules\n"
     )
     env = {**os.environ, "PAGEDSERVE_CPU_KERNEL": "0"}
     subprocess.run([sys.executable, "-c", code, str(model_dir)], check=True, env=env,
@@ -374,7 +374,7 @@ def _cfg(**extra) -> dict:
 def test_sliding_window_models_are_capped_at_the_window(caplog):
     """This engine attends to the whole context: exact only within a sliding window, so a
     model that uses one (Mistral 7B v0.1) gets the window as its context, with a warning."""
-    from engine_svc.model_config import ModelConfig
+    from engine_svc.models.config import ModelConfig
 
     assert ModelConfig.from_dict(_cfg(sliding_window=4096)).max_position_embeddings == 4096
     assert "sliding-window" in caplog.text
@@ -387,8 +387,8 @@ def test_sliding_window_models_are_capped_at_the_window(caplog):
 def test_unsupported_rope_and_too_long_max_model_len_are_refused_before_loading(tmp_path):
     import json
 
-    from engine_svc.errors import ModelLoadError
-    from engine_svc.model_config import ModelConfig
+    from protos.errors import ModelLoadError
+    from engine_svc.models.config import ModelConfig
 
     with pytest.raises(ModelLoadError, match="'yarn' is not supported"):
         ModelConfig.from_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gateway.workers import STALL_GRACE_S, Stream, WorkerPool, WorkerState
-from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
+from protos.transport import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 from protos.pagedserve.internal.v1 import ipc_pb2
 
 TOK0 = b"tok-0-abc123"

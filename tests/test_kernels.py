@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine_svc.model_config import ModelConfig, rope_cos_sin_cache  # noqa: E402
+from engine_svc.models.config import ModelConfig, rope_cos_sin_cache  # noqa: E402
 from kernels import reference, triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""The CUDA path's model forward (``engine_svc.cuda_forward``) on the CPU: with the reference
+"""The CUDA path's model forward (``engine_svc.runner.cuda_forward``) on the CPU: with the reference
 ops it must give the CPU model's hidden states, and with the Triton kernels (interpreted here)
 the same within rounding. Plus the pure helpers of the graph runner."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_svc.attention import build_metadata
-from engine_svc.cuda_forward import BatchTensors, forward
-from engine_svc.cuda_graphs import capture_sizes
-from engine_svc.cuda_runner import decode_num_splits
-from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
-from engine_svc.model_loader import dummy_model
+from engine_svc.runner.attention import build_metadata
+from engine_svc.runner.cuda_forward import BatchTensors, forward
+from engine_svc.runner.cuda_graphs import capture_sizes
+from engine_svc.runner.cuda import decode_num_splits
+from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
+from engine_svc.models.loader import dummy_model
 from kernels import reference
 
 BLOCK = 16
@@ -140,7 +140,7 @@ def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path, nu
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need the interpreter; tests/test_gpu.py covers CUDA")
     from engine_svc import LLM, SamplingParams
-    from engine_svc.cuda_runner import CudaModelRunner
+    from engine_svc.runner.cuda import CudaModelRunner
     from tests.tiny_models import make_tiny_model
 
     path = str(make_tiny_model(tmp_path / "tiny", num_layers=1, vocab_size=128))
@@ -176,7 +176,7 @@ def test_host_block_tables_follow_growth_readmission_and_reuse():
     equal its list, with so few rows that reclaiming absent requests' rows happens often."""
     from types import SimpleNamespace
 
-    from engine_svc.cuda_runner import HostBlockTables
+    from engine_svc.runner.cuda import HostBlockTables
 
     rng = __import__("random").Random(7)
     ht = HostBlockTables(num_rows=6, max_blocks=40)
@@ -208,7 +208,7 @@ def test_host_block_tables_follow_growth_readmission_and_reuse():
 def test_host_block_tables_reject_overflow():
     from types import SimpleNamespace
 
-    from engine_svc.cuda_runner import HostBlockTables
+    from engine_svc.runner.cuda import HostBlockTables
 
     ht = HostBlockTables(num_rows=1, max_blocks=2)
     seq = SimpleNamespace(request=SimpleNamespace(request_id="a"), block_table=[1, 2, 3])
@@ -225,7 +225,7 @@ def test_decode_batch_rejects_a_table_too_short_for_the_new_token():
     (the block manager guarantees it does), not write KV into someone else's block."""
     from types import SimpleNamespace
 
-    from engine_svc.cuda_runner import CudaModelRunner
+    from engine_svc.runner.cuda import CudaModelRunner
 
     cfg = _tiny_cfg()
     runner = CudaModelRunner(dummy_model(cfg, torch.float32), cfg, torch.float32, BLOCK, 1, 64,
@@ -367,7 +367,7 @@ def test_gpu_bench_prefill_step_and_flops():
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need the interpreter")
     from benchmarks.gpu_bench import prefill_flops, prefill_step_fn
-    from engine_svc.cuda_runner import CudaModelRunner
+    from engine_svc.runner.cuda import CudaModelRunner
 
     cfg = _tiny_cfg()
     model = dummy_model(cfg, torch.float32, seed=3)
@@ -402,7 +402,7 @@ def test_gpu_bench_fused_linear_times_compares_the_two_paths(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need the interpreter")
     from benchmarks import gpu_bench
-    from engine_svc.cuda_runner import CudaModelRunner
+    from engine_svc.runner.cuda import CudaModelRunner
 
     monkeypatch.delenv("PAGEDSERVE_FUSED_NORM_LINEAR", raising=False)
     cfg = _tiny_cfg()

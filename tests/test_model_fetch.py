@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine_svc.errors import ModelLoadError
-from engine_svc.model_fetch import (
+from protos.errors import ModelLoadError
+from engine_svc.models.fetch import (
     DEFAULT_MODEL_NAME,
     convert_gguf,
     convert_gguf_cached,

@@ -11,7 +11,7 @@ import torch
 
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine
-from engine_svc.sampling_params import SamplingParams
+from protos.sampling import SamplingParams
 from tests.tiny_models import make_tiny_model
 
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine_svc.sampler import Sampler, SamplingRow, apply_penalties
-from engine_svc.sampling_params import SamplingParams
+from protos.sampling import SamplingParams
 
 # Probabilities of a small vocabulary whose nucleus and min_p sets are easy to compute by hand.
 PROBS6 = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
@@ -402,7 +402,7 @@ def test_rejects_mismatched_rows() -> None:
     ],
 )
 def test_sampling_params_refuse_overflow_and_bools_with_a_typed_error(kwargs, message):
-    from engine_svc.errors import InvalidRequestError
+    from protos.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)

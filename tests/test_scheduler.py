@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine_svc.block_manager import BlockManager
-from engine_svc.errors import QueueFullError
-from engine_svc.request import FinishReason, Request, RequestStatus
-from engine_svc.sampling_params import SamplingParams
-from engine_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine_svc.core.block_manager import BlockManager
+from protos.errors import QueueFullError
+from engine_svc.core.request import FinishReason, Request, RequestStatus
+from protos.sampling import SamplingParams
+from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 EOS = 2
 

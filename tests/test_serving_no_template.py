@@ -9,7 +9,7 @@ import json
 import grpc
 import pytest
 
-from engine_svc.model_fetch import fetch_default_model
+from engine_svc.models.fetch import fetch_default_model
 from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
 
 
@@ -46,7 +46,7 @@ def test_model_without_chat_template(stack):
 
 def test_chat_template_from_its_own_file(tmp_path):
     """Newer HF checkpoints keep the template in chat_template.jinja, not tokenizer_config."""
-    from engine_svc.tokenizer import Tokenizer
+    from engine_svc.models.tokenizer import Tokenizer
 
     src = fetch_default_model(progress=False)
     (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")
@@ -65,7 +65,7 @@ def test_chat_template_from_its_own_file(tmp_path):
 def test_template_tojson_takes_hugging_face_keywords(tmp_path):
     """Templates (tool-calling ones especially) call tojson with sort_keys or separators; our
     filter raised TypeError on them, an INTERNAL error for every Chat request."""
-    from engine_svc.tokenizer import Tokenizer
+    from engine_svc.models.tokenizer import Tokenizer
 
     src = fetch_default_model(progress=False)
     (tmp_path / "tokenizer.json").symlink_to(src / "tokenizer.json")

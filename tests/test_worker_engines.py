@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from engine_svc.model_fetch import fetch_default_model
+from engine_svc.models.fetch import fetch_default_model
 from protos.pagedserve.internal.v1 import ipc_pb2
 from tokenizer_svc.worker import BALANCE_SLACK, Worker, prefix_chain, route
 
@@ -271,7 +271,7 @@ def test_a_full_replica_passes_the_request_to_another_once(rig):
 def test_a_sibling_stopped_by_a_stop_string_leaves_the_others_running(rig, model_dir):
     """n=2: index 0 meets a stop string; the engine, which has not read the abort yet, sends
     one more output for it. Only that sibling is aborted again; index 1 streams to its end."""
-    from engine_svc.tokenizer import Tokenizer
+    from engine_svc.models.tokenizer import Tokenizer
 
     rig.wait_ready(0, 1)
     tok = Tokenizer(Path(model_dir))
@@ -304,7 +304,7 @@ def test_a_sibling_stopped_by_a_stop_string_leaves_the_others_running(rig, model
 def test_stop_strings_wait_for_min_tokens_in_the_worker(rig, model_dir):
     """The worker hands min_tokens to its detokenizers: " world" as the first of min_tokens=2
     tokens does not stop the sequence; as the second it does."""
-    from engine_svc.tokenizer import Tokenizer
+    from engine_svc.models.tokenizer import Tokenizer
 
     rig.wait_ready(0, 1)
     world = Tokenizer(Path(model_dir)).encode(" world")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from engine_svc.errors import InvalidRequestError
+from protos.errors import InvalidRequestError
 
 _REPLACEMENT = "\ufffd"
 
@@ -29,7 +29,7 @@ _CONTEXT_TOKENS = 5
 
 
 class TokenDecoder(Protocol):
-    """What the detokenizer needs of `engine_svc.tokenizer.Tokenizer`."""
+    """What the detokenizer needs of `engine_svc.models.tokenizer.Tokenizer`."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine_svc.errors import InvalidRequestError, PagedServeError
-from engine_svc.sampling_params import ADDED_STOP_TOKEN_IDS
-from engine_svc.tokenizer import Tokenizer
-from pagedserve.ipc import DEAD_AFTER_S, GATEWAY_PING_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
+from protos.errors import InvalidRequestError, PagedServeError
+from protos.sampling import ADDED_STOP_TOKEN_IDS
+from engine_svc.models.tokenizer import Tokenizer
+from protos.transport import DEAD_AFTER_S, GATEWAY_PING_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 from protos.pagedserve.internal.v1 import ipc_pb2
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
 

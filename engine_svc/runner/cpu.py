@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_svc import cpu_ops
-from engine_svc.attention import build_metadata
-from engine_svc.model import LlamaModel
-from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
-from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
+from engine_svc.runner import cpu_ops
+from engine_svc.runner.attention import build_metadata
+from engine_svc.models.llama import LlamaModel
+from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
+from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -38,13 +38,13 @@ class ModelRunner:
         # plain-torch path stays as the fallback when it cannot be built.
         self.fused_decode = cpu_ops.load() is not None
         # float32 on an AVX-512 CPU: linear layers over packed weights, faster than BLAS at
-        # decode batch sizes (engine_svc.cpu_ops.PackedLinear).
+        # decode batch sizes (engine_svc.runner.cpu_ops.PackedLinear).
         self.packed_linears = 0
         if dtype == torch.float32 and cpu_ops.packed_linear_supported():
             self.packed_linears = cpu_ops.pack_linears(model)
         model.fused_cpu_ops = cpu_ops.fused_ops_available(dtype)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
-        # (heads outer: see engine_svc.attention.attend).
+        # (heads outer: see engine_svc.runner.attention.attend).
         self.kv_caches = torch.zeros(
             cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_size, dtype=dtype
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_svc.sampling_params import SamplingParams
+from protos.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine_svc.errors import ModelLoadError
+from protos.errors import ModelLoadError
 
 log = logging.getLogger("pagedserve.engine")
 ROPE_TYPES = ("default", "linear", "llama3")

@@ -12,9 +12,9 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from engine_svc.block_manager import BlockManager
-from engine_svc.errors import QueueFullError
-from engine_svc.request import FinishReason, Request, RequestStatus
+from engine_svc.core.block_manager import BlockManager
+from protos.errors import QueueFullError
+from engine_svc.core.request import FinishReason, Request, RequestStatus
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The Llama forward of the CUDA path, over the weights of an ``engine_svc.model.LlamaModel``.
+"""The Llama forward of the CUDA path, over the weights of an ``engine_svc.models.llama.LlamaModel``.
 
 Same maths as ``LlamaModel.forward`` (the CPU path), fewer launches: the residual add is
 fused into each RMSNorm; one ``rotary_and_cache`` launch rotates q and k (cos/sin read from a
@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from engine_svc.model import LlamaModel
+from engine_svc.models.llama import LlamaModel
 
 # Batches of at most this many tokens may take ``rms_norm_linear`` (kernels/linear.py): each
 # norm -> projection pair in one launch, its weight read once for all rows. Larger batches

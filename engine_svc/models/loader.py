@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from engine_svc.errors import ModelLoadError
-from engine_svc.model import LlamaModel
-from engine_svc.model_config import ModelConfig
+from protos.errors import ModelLoadError
+from engine_svc.models.llama import LlamaModel
+from engine_svc.models.config import ModelConfig
 
 # HF name -> (our fused parameter, index of the part inside it)
 _FUSED = {

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from engine_svc.errors import ModelFetchError, ModelLoadError
+from protos.errors import ModelFetchError, ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_svc import cpu_ops
-from engine_svc.attention import AttentionMetadata, attend, write_kv
-from engine_svc.model_config import ModelConfig
+from engine_svc.runner import cpu_ops
+from engine_svc.runner.attention import AttentionMetadata, attend, write_kv
+from engine_svc.models.config import ModelConfig
 from kernels.reference import rms_norm
 
 
@@ -135,7 +135,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def _forward_fused(self, input_ids, cos, sin, kv_caches, meta) -> torch.Tensor:
-        """The same layers with the fused float32 CPU ops (engine_svc.cpu_ops): the residual
+        """The same layers with the fused float32 CPU ops (engine_svc.runner.cpu_ops): the residual
         stream is kept apart and each residual add is fused into the next RMSNorm, rotary is
         applied in place on the qkv projection, silu(gate) * up is one op."""
         n, eps = input_ids.shape[0], self.cfg.rms_norm_eps

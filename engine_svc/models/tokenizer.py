@@ -11,7 +11,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine_svc.errors import InvalidRequestError, ModelLoadError
+from protos.errors import InvalidRequestError, ModelLoadError
 
 
 class TemplateError(InvalidRequestError):

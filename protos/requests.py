@@ -1,28 +1,36 @@
-"""Public requests -> internal TextRequest, validating every field (limits in GetModelInfo).
+"""Public requests -> the internal ``TextRequest``: the one mapping every front end shares.
+
+A front end (the gRPC service; the OpenAI HTTP API) turns its request into a dict of
+sampling fields under their public names (vLLM's, which ``SamplingParams`` also uses) with unset
+fields absent, and calls ``text_request``; for gRPC, ``grpc_sampling_fields`` makes that dict.
+Validation and defaults are the dataclass's (``protos.sampling``); what is checked here is only
+what the dataclass cannot know (the served model's vocabulary and context, the server's limits).
 
 Raises ``InvalidRequestError`` (-> INVALID_ARGUMENT) with a message that names the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from engine_svc.errors import InvalidRequestError
-from engine_svc.sampling_params import (
+from protos.errors import InvalidRequestError
+from protos.pagedserve.internal.v1 import ipc_pb2
+from protos.pagedserve.v1 import inference_pb2 as pb
+from protos.sampling import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
+    params_to_proto,
 )
-from pagedserve.ipc import params_to_proto
-from protos.pagedserve.internal.v1 import ipc_pb2
-from protos.pagedserve.v1 import inference_pb2 as pb
 
 MAX_ROLE_CHARS = 64  # a chat message's role ("system", "user", "assistant", "tool", ...)
 
-# Sampling fields that map one to one onto SamplingParams (same names on both).
+# gRPC sampling fields that map one to one onto SamplingParams (same names on both).
 _SCALARS = (
     "max_tokens",
     "min_tokens",
@@ -69,34 +77,37 @@ class Limits:
         )
 
 
-def sampling_params(req: pb.GenerateRequest | pb.ChatRequest) -> SamplingParams:
-    """SamplingParams from the flat request fields: unset fields keep the defaults, except
-    ``max_tokens``: unset stays unset (None), so that the worker applies the server's
-    ``--default-max-tokens`` capped by the room the prompt leaves (not SamplingParams' 16)."""
-    kwargs: dict = {"max_tokens": None}
+def grpc_sampling_fields(req: pb.GenerateRequest | pb.ChatRequest) -> dict[str, Any]:
+    """The sampling fields a gRPC client set, by name (unset ones absent)."""
+    fields: dict[str, Any] = {}
     for name in _SCALARS:
         if req.HasField(name):
             v = getattr(req, name)
             # float32 on the wire: 0.7 arrives as 0.699999988; 7 significant digits give back
             # what the client wrote.
-            kwargs[name] = float(f"{v:.7g}") if name in _FLOATS else v
+            fields[name] = float(f"{v:.7g}") if name in _FLOATS else v
     if req.stop:
-        kwargs["stop"] = list(req.stop)
-    if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # SamplingParams leaves room for added ids
-        raise InvalidRequestError(
-            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(req.stop_token_ids)}"
-        )
+        fields["stop"] = list(req.stop)
     if req.stop_token_ids:
-        kwargs["stop_token_ids"] = list(req.stop_token_ids)
+        fields["stop_token_ids"] = list(req.stop_token_ids)
     if req.logit_bias:
-        kwargs["logit_bias"] = dict(req.logit_bias)
-    if req.HasField("top_k") and req.top_k < -1:
-        raise InvalidRequestError(f"top_k must be -1, 0 (off) or >= 1, got {req.top_k}")
-    if kwargs.get("max_tokens") == 0:
-        raise InvalidRequestError("max_tokens must be >= 1 (leave it unset for the default)")
-    if kwargs.get("n") == 0:
-        raise InvalidRequestError(f"n must be in [1, {MAX_N}], got 0")
-    return SamplingParams(**kwargs)
+        fields["logit_bias"] = dict(req.logit_bias)
+    return fields
+
+
+def sampling_params(fields: Mapping[str, Any], vocab_size: int) -> SamplingParams:
+    """SamplingParams from a client's sampling fields: unset fields keep the dataclass's
+    defaults, except ``max_tokens``: unset stays unset (None), so that the worker applies the
+    server's ``--default-max-tokens`` capped by the room the prompt leaves (not the offline
+    default of 16). Token ids named by the fields must be in the model's vocabulary."""
+    stop_ids = fields.get("stop_token_ids") or ()
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:  # SamplingParams leaves room for added ids
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_ids)}"
+        )
+    sp = SamplingParams(**{"max_tokens": None, **fields})
+    sp.check_vocab(vocab_size)
+    return sp
 
 
 def text_request(
@@ -105,24 +116,43 @@ def text_request(
     info: ipc_pb2.EngineInfo,
     limits: Limits,
 ) -> ipc_pb2.TextRequest:
-    sp = sampling_params(req)
-    sp.check_vocab(info.vocab_size)
-    out = ipc_pb2.TextRequest(
-        request_id=request_id,
-        params=params_to_proto(sp),
-        stop=sp.stop,
-        include_stop_str_in_output=sp.include_stop_str_in_output,
-        skip_special_tokens=sp.skip_special_tokens,
+    """A gRPC Generate or Chat request as the internal message."""
+    out = internal_request(
+        request_id,
+        sampling_params(grpc_sampling_fields(req), info.vocab_size),
+        limits,
         echo=req.echo,
         return_prompt_token_ids=req.return_prompt_token_ids,
         priority=req.priority,
-        default_max_tokens=limits.default_max_tokens,
     )
     if isinstance(req, pb.ChatRequest):
         out.chat.CopyFrom(conversation(req.messages, req, limits))
     else:
         _prompt(req, out, info, limits)
     return out
+
+
+def internal_request(
+    request_id: str,
+    sp: SamplingParams,
+    limits: Limits,
+    *,
+    echo: bool = False,
+    return_prompt_token_ids: bool = False,
+    priority: int = 0,
+) -> ipc_pb2.TextRequest:
+    """The internal message for validated params, without its prompt (the caller sets it)."""
+    return ipc_pb2.TextRequest(
+        request_id=request_id,
+        params=params_to_proto(sp),
+        stop=sp.stop,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+        skip_special_tokens=sp.skip_special_tokens,
+        echo=echo,
+        return_prompt_token_ids=return_prompt_token_ids,
+        priority=priority,
+        default_max_tokens=limits.default_max_tokens,
+    )
 
 
 def _prompt(

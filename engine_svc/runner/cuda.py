@@ -1,5 +1,5 @@
 """The model runner on a CUDA GPU: Triton kernels, KV cache sized by a profile run, decode
-steps replayed from CUDA graphs. Same contract as ``engine_svc.model_runner.ModelRunner``:
+steps replayed from CUDA graphs. Same contract as ``engine_svc.runner.cpu.ModelRunner``:
 ``execute(SchedulerOutput) -> RunnerOutput``.
 
 Construction is in two phases because the KV cache size depends on what the model needs:
@@ -18,12 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine_svc.cuda_forward import BatchTensors, forward
-from engine_svc.cuda_graphs import DecodeGraphs, capture_sizes
-from engine_svc.model import LlamaModel
-from engine_svc.model_config import ModelConfig, rope_cos_sin_cache
-from engine_svc.model_runner import RunnerOutput, select_logits
-from engine_svc.scheduler import ScheduledSeq, SchedulerOutput
+from engine_svc.runner.cuda_forward import BatchTensors, forward
+from engine_svc.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from engine_svc.models.llama import LlamaModel
+from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
+from engine_svc.runner.cpu import RunnerOutput, select_logits
+from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger("pagedserve.cuda_runner")
 

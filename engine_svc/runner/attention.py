@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine_svc import cpu_ops
+from engine_svc.runner import cpu_ops
 
 DECODE_PAD_BUDGET = 0.15  # a decode group may gather at most this share of padding slots
 DECODE_GROUP_MAX = 64
@@ -39,7 +39,7 @@ class PrefillChunk:
 
 @dataclass(slots=True)
 class FusedDecodes:
-    """All decodes at once for the fused CPU kernel (engine_svc.cpu_ops)."""
+    """All decodes at once for the fused CPU kernel (engine_svc.runner.cpu_ops)."""
 
     num: int  # rows [0, num) of the flattened batch
     block_tables: torch.Tensor  # [num, max_blocks] int64, padded with 0 (never read)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine_svc.cuda_forward import BatchTensors
+from engine_svc.runner.cuda_forward import BatchTensors
 
 log = logging.getLogger("pagedserve.cuda_graphs")
 
