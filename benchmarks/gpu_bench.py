@@ -44,10 +44,10 @@ from benchmarks.offline_throughput import (
     make_workload,
 )
 from engine_svc.config import EngineConfig
-from engine_svc.runner.cuda_forward import BatchTensors
-from engine_svc.runner.cuda import decode_num_splits
 from engine_svc.engine import LLMEngine
 from engine_svc.models.config import ModelConfig
+from engine_svc.runner.cuda import decode_num_splits
+from engine_svc.runner.cuda_model_ops import BatchTensors
 from protos.sampling import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

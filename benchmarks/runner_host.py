@@ -27,9 +27,10 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
-from engine_svc.runner import cuda as cuda_runner
 from engine_svc.models.config import ModelConfig
 from engine_svc.models.loader import dummy_model
+from engine_svc.runner import cuda as cuda_runner
+from engine_svc.runner.cuda_model_ops import BatchTensors
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -43,6 +44,12 @@ def _old_module(rev: str) -> ModuleType:
     ).stdout  # fmt: skip
     path = Path(tempfile.mkdtemp()) / "cuda_runner_old.py"
     path.write_text(src)
+    # Revisions from before the one Llama forward import BatchTensors and the CUDA forward from
+    # engine_svc.runner.cuda_forward, now gone; the input building timed here needs only the
+    # former (same fields), never the forward.
+    stand_in = ModuleType("engine_svc.runner.cuda_forward")
+    stand_in.BatchTensors, stand_in.forward = BatchTensors, None
+    sys.modules.setdefault(stand_in.__name__, stand_in)
     spec = importlib.util.spec_from_file_location("cuda_runner_old", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

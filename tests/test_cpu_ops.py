@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine_svc.runner import cpu_ops
 from engine_svc.config import EngineConfig
 from engine_svc.engine import LLMEngine
 from engine_svc.models.config import ModelConfig
+from engine_svc.runner import cpu_ops
 from kernels import reference
 
 pytestmark = pytest.mark.skipif(
@@ -335,9 +335,10 @@ def test_fused_model_forward_matches_plain():
     """The whole model: fused element-wise ops vs the plain torch ones (packed linears in both),
     head size 64 with 3 query heads per KV head (the fast decode path): two prefills, then two
     decodes over the cached KV mixed with a third prefill in one batch."""
-    from engine_svc.runner.attention import build_metadata
     from engine_svc.models.loader import dummy_model
+    from engine_svc.runner.attention import build_metadata
     from engine_svc.runner.cpu import ModelRunner
+    from engine_svc.runner.cpu_model_ops import FusedCpuOps, TorchCpuOps
 
     mc = ModelConfig.from_dict(
         {
@@ -363,15 +364,15 @@ def test_fused_model_forward_matches_plain():
             p.data.mul_(10 if p.dim() > 1 else 1)
         runner = ModelRunner(model, mc, torch.float32, 16, 16, 256)
         if not fused:
-            model.fused_cpu_ops = False
-        assert model.fused_cpu_ops is fused
+            runner.ops = TorchCpuOps(mc, torch.float32, 256)
+        assert isinstance(runner.ops, FusedCpuOps) is fused
         hidden = []
         for q_lens, seq_lens, tables, tok in steps:
             pos = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
             meta = build_metadata(q_lens, seq_lens, tables, 16, runner.fused_decode)
-            cos, sin = runner.cos[pos].unsqueeze(1), runner.sin[pos].unsqueeze(1)
+            step = runner.ops.step(pos, meta)
             with torch.inference_mode():
-                hidden.append(model(torch.tensor(tok), cos, sin, runner.kv_caches, meta))
+                hidden.append(model(torch.tensor(tok), runner.kv_caches, runner.ops, step))
         outs.append(hidden)
     for plain, fused in zip(*outs):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
@@ -423,11 +424,12 @@ def test_without_the_kernels_the_torch_path_gives_the_same_tokens(tmp_path):
     script = f"""
 import json
 from engine_svc import LLM, SamplingParams
+from engine_svc.runner.cpu_model_ops import FusedCpuOps
 llm = LLM({str(path)!r}, dtype="float32", num_kv_blocks=32, progress=False)
 r = llm.engine.runner
 out = llm.generate([[5, 6, 7, 8], list(range(10, 40))],
                    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-print(json.dumps([r.fused_decode, r.packed_linears, r.model.fused_cpu_ops,
+print(json.dumps([r.fused_decode, r.packed_linears, isinstance(r.ops, FusedCpuOps),
                   [o.outputs[0].token_ids for o in out]]))
 """
     runs = []

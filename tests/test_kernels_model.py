@@ -1,18 +1,20 @@
-"""The CUDA path's model forward (``engine_svc.runner.cuda_forward``) on the CPU: with the reference
-ops it must give the CPU model's hidden states, and with the Triton kernels (interpreted here)
-the same within rounding. Plus the pure helpers of the graph runner."""
+"""The model forward on the CUDA path's ops (``engine_svc.runner.cuda_model_ops.KernelOps``) on
+the CPU: with the reference kernels it must give the CPU path's hidden states, and with the
+Triton kernels (interpreted here) the same within rounding. Plus the pure helpers of the graph
+runner."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine_svc.runner.attention import build_metadata
-from engine_svc.runner.cuda_forward import BatchTensors, forward
-from engine_svc.runner.cuda_graphs import capture_sizes
-from engine_svc.runner.cuda import decode_num_splits
 from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
 from engine_svc.models.loader import dummy_model
+from engine_svc.runner.attention import build_metadata
+from engine_svc.runner.cpu_model_ops import TorchCpuOps
+from engine_svc.runner.cuda import decode_num_splits
+from engine_svc.runner.cuda_graphs import capture_sizes
+from engine_svc.runner.cuda_model_ops import BatchTensors, KernelOps
 from kernels import reference
 
 BLOCK = 16
@@ -41,8 +43,8 @@ def _tiny_cfg() -> ModelConfig:
 
 
 def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two steps (a mixed prefill, then decodes over the cached KV) through the CPU model and
-    through cuda_forward with ``ops``; returns the second step's hidden states of each. With
+    """Two steps (a mixed prefill, then decodes over the cached KV) through the CPU path and
+    through the CUDA path's ops over the kernels ``ops``; returns the second step's hidden states of each. With
     ``fused`` the decode step (3 tokens) takes the fused norm -> projection path."""
     cfg = _tiny_cfg()
     model = dummy_model(cfg, dtype, seed=3)
@@ -52,9 +54,7 @@ def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tenso
     tables = [[5, 2, 9], [0, 7], [11, 3, 4, 8]]
     gen = torch.Generator().manual_seed(0)
     cs = rope_cos_sin_cache(cfg, 256)
-    half = cs.shape[1] // 2
-    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).to(dtype)
-    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).to(dtype)
+    cpu_ops = TorchCpuOps(cfg, dtype, 256)
     cpu_kv = torch.zeros(2, 2, 2, num_blocks, BLOCK, 16, dtype=dtype)  # heads outer
     gpu_kv = torch.zeros(2, 2, num_blocks, BLOCK, 2, 16, dtype=dtype)  # block-major
     lens_done = [0, 0, 0]
@@ -64,7 +64,7 @@ def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tenso
         ids = torch.randint(0, 64, (sum(q_lens),), generator=gen)
         pos = torch.cat([torch.arange(d, s) for d, s in zip(lens_done, seq_lens)])
         meta = build_metadata(q_lens, seq_lens, tables, BLOCK)
-        want = model(ids, cos[pos][:, None], sin[pos][:, None], cpu_kv, meta)
+        want = model(ids, cpu_kv, cpu_ops, cpu_ops.step(pos, meta))
         starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
         batch = BatchTensors(
             input_ids=ids,
@@ -75,7 +75,7 @@ def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tenso
             query_start_loc=starts,
             num_splits=2 if q_lens == [1, 1, 1] else 1,
         )
-        got = forward(model, ops, batch, gpu_kv, cs, fused_norm_linear=fused)
+        got = model(ids, gpu_kv, KernelOps(ops, cs, fused_norm_linear=fused), batch)
         outs.append((got, want))
         lens_done = seq_lens
     return outs[1]
@@ -319,7 +319,8 @@ def test_decode_step_launches_per_layer(fused):
         num_splits=2,
     )
     cs = rope_cos_sin_cache(cfg, 256)
-    counts = _count_launches(lambda: forward(model, triton_ops, batch, kv, cs, fused))
+    ops = KernelOps(triton_ops, cs, fused)
+    counts = _count_launches(lambda: model(batch.input_ids, kv, ops, batch))
     layers = cfg.num_layers
     common = {
         "aten::embedding": 1,
@@ -376,14 +377,12 @@ def test_gpu_bench_prefill_step_and_flops():
     runner.init_kv_cache(8, 64)
     with torch.inference_mode():
         logits = prefill_step_fn(runner, 3, 20)()
-        # the same three prompts (token 0 throughout) through the CPU model, one at a time
-        cs = rope_cos_sin_cache(cfg, 256)
-        half = cs.shape[1] // 2
-        cos = torch.cat((cs[:20, :half],) * 2, dim=-1)[:, None]
-        sin = torch.cat((cs[:20, half:],) * 2, dim=-1)[:, None]
+        # the same three prompts (token 0 throughout) through the CPU path, one at a time
+        cpu_ops = TorchCpuOps(cfg, torch.float32, 256)
         kv = torch.zeros(2, 2, 2, 2, BLOCK, 16)
         meta = build_metadata([20], [20], [[0, 1]], BLOCK)
-        want = model.compute_logits(model(torch.zeros(20, dtype=torch.long), cos, sin, kv, meta))
+        step = cpu_ops.step(torch.arange(20), meta)
+        want = model.compute_logits(model(torch.zeros(20, dtype=torch.long), kv, cpu_ops, step))
     assert logits.shape == (3, cfg.vocab_size)
     for row in logits:
         torch.testing.assert_close(row, want[-1], rtol=1e-4, atol=1e-4)

@@ -1,19 +1,83 @@
-"""Llama-family decoder over a flattened varlen batch with a paged KV cache.
+"""Llama-family decoder over a flattened varlen batch with a paged KV cache: the one forward of
+every device.
 
-One class per block, as in gpt-fast. q/k/v and gate/up are fused into one matmul each at
-load time (fewer ops per step: decode on a CPU is bound by per-op overhead, not FLOPs).
+One class per block, as in gpt-fast, holding the weights; ``LlamaModel.forward`` is the whole
+forward, written once. What differs by device (the KV cache layout, attention, the rotary and
+cache-write kernels, which element-wise ops are fused) is the ``ModelOps`` object the runner
+passes in: ``engine_svc.runner.cpu_model_ops`` on the CPU (plain torch, or C++ kernels in
+float32), ``engine_svc.runner.cuda_model_ops`` on CUDA (Triton kernels, or their plain-torch
+references in tests). q/k/v and gate/up are fused into one matmul each at load time (fewer ops
+per step: decode on a CPU is bound by per-op overhead, not FLOPs).
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine_svc.runner import cpu_ops
-from engine_svc.runner.attention import AttentionMetadata, attend, write_kv
 from engine_svc.models.config import ModelConfig
-from kernels.reference import rms_norm
+
+
+class ModelOps(Protocol):
+    """The ops ``LlamaModel.forward`` runs on, supplied by the runner for its device. ``step``
+    is the runner's own per-step input (positions, slots, block tables or an attention plan):
+    the model passes it through untouched; ``kv_cache`` is one layer's cache, in the runner's
+    layout. The residual stream is kept apart from the block outputs so that each residual
+    add can be fused into the RMSNorm after it."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm as Llama computes it: statistics in float32, scale in the input dtype."""
+        ...
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm of ``residual + x``, ``residual + x``); may update ``residual`` in place."""
+        ...
+
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_size]
+        num_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        kv_cache: torch.Tensor,
+        step: Any,
+    ) -> torch.Tensor:  # q, rotated: [num_tokens, num_heads, head_size]
+        """Rotate q and k by their tokens' positions and write k and v to their cache slots.
+        May rotate inside ``qkv``."""
+        ...
+
+    def attention(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, step: Any, scale: float
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        """Each token's query against its sequence's cached keys and values, causally."""
+        ...
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, 2 * inter] -> ``silu(gate) * up``, [num_tokens, inter]."""
+        ...
+
+    def fuses_norm_linear(self, num_tokens: int) -> bool:
+        """Whether a batch of ``num_tokens`` runs each norm -> projection pair as one
+        ``rms_norm_linear``. A function of the shape only, so a captured graph stays valid."""
+        ...
+
+    def rms_norm_linear(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,  # None: x is the residual (the first layer)
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,  # [out, hidden], or [2 * inter, hidden] gate | up (gated_silu)
+        bias: torch.Tensor | None = None,
+        gated_silu: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Add and) RMSNorm, the projection, and ``silu_and_mul`` of it when ``gated_silu``:
+        (projection, new residual). Called only where ``fuses_norm_linear`` is true."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -21,9 +85,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -42,57 +103,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_size**-0.5
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [num_tokens, hidden]
-        cos: torch.Tensor,  # [num_tokens, 1, head_size]
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_size]
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = _rotate(q.view(n, self.num_heads, self.head_size), cos, sin)
-        k = _rotate(k.view(n, self.num_kv_heads, self.head_size), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_size)
-        return self._attend_and_project(q, k, v, kv_cache, meta)
-
-    def forward_fused(self, x, cos2d, sin2d, kv_cache, meta):
-        """forward with the fused CPU rotary (float32); cos2d / sin2d: [num_tokens, head]."""
-        n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        cpu_ops.rotary_(qkv, cos2d, sin2d, self.num_heads + self.num_kv_heads, self.head_size)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_size)
-        k = k.view(n, self.num_kv_heads, self.head_size)
-        v = v.view(n, self.num_kv_heads, self.head_size)
-        return self._attend_and_project(q, k, v, kv_cache, meta)
-
-    def _attend_and_project(self, q, k, v, kv_cache, meta):
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        o = attend(q, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.view(q.shape[0], self.q_size))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(cpu_ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -103,10 +119,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -116,41 +128,50 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # float32 on the CPU: the element-wise ops fused in C++ (set by the CPU model runner).
-        self.fused_cpu_ops = False
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens]
-        cos: torch.Tensor,  # [num_tokens, 1, head_size] in the model dtype
-        sin: torch.Tensor,
-        kv_caches: torch.Tensor,  # [num_layers, 2, num_kv_heads, num_blocks, block_size, head_size]
-        meta: AttentionMetadata,
+        kv_caches: torch.Tensor,  # [num_layers, ...]: one cache per layer, in the ops' layout
+        ops: ModelOps,
+        step: Any,  # the runner's per-step input, handed to ``ops``
     ) -> torch.Tensor:  # [num_tokens, hidden] after the final norm
-        if self.fused_cpu_ops:
-            return self._forward_fused(input_ids, cos, sin, kv_caches, meta)
-        x = self.embed_tokens(input_ids)
+        """Per layer: two norms (each with the residual add before it), four matmuls, rotary
+        and the KV write, attention, silu-and-mul. With ``ops.fuses_norm_linear`` each norm ->
+        projection pair is one op. A fixed sequence of ops on static shapes (no branch on
+        values), so a decode step can be captured in a CUDA graph as it is."""
+        eps, n = self.cfg.rms_norm_eps, input_ids.shape[0]
+        fuse = ops.fuses_norm_linear(n)
+        x = self.embed_tokens(input_ids)  # a fresh tensor: ops may update the residual in place
+        residual: torch.Tensor | None = None  # x is added to it by the next norm
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        return self.norm(x)
-
-    def _forward_fused(self, input_ids, cos, sin, kv_caches, meta) -> torch.Tensor:
-        """The same layers with the fused float32 CPU ops (engine_svc.runner.cpu_ops): the residual
-        stream is kept apart and each residual add is fused into the next RMSNorm, rotary is
-        applied in place on the qkv projection, silu(gate) * up is one op."""
-        n, eps = input_ids.shape[0], self.cfg.rms_norm_eps
-        cos2d, sin2d = cos.view(n, -1), sin.view(n, -1)
-        residual = self.embed_tokens(input_ids)  # a fresh tensor: updated in place below
-        h = cpu_ops.rms_norm(residual, self.layers[0].input_layernorm.weight, eps)
-        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
-            h = layer.self_attn.forward_fused(h, cos2d, sin2d, kv, meta)
-            h = cpu_ops.add_rms_norm_(h, residual, layer.post_attention_layernorm.weight, eps)
-            h = layer.mlp.forward_fused(h)
-            following = (
-                self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            )
-            h = cpu_ops.add_rms_norm_(h, residual, following.weight, eps)
-        return h
+            attn, mlp = layer.self_attn, layer.mlp
+            norm_w = layer.input_layernorm.weight
+            if fuse:
+                qkv, residual = ops.rms_norm_linear(
+                    x, residual, norm_w, eps, attn.qkv_proj.weight, attn.qkv_proj.bias
+                )
+            else:
+                if residual is None:
+                    h, residual = ops.rms_norm(x, norm_w, eps), x
+                else:
+                    h, residual = ops.add_rms_norm(x, residual, norm_w, eps)
+                qkv = attn.qkv_proj(h)
+            q = ops.rope_and_cache(qkv, attn.num_heads, attn.num_kv_heads, attn.head_size, kv, step)
+            o = ops.attention(q, kv, step, attn.scale)
+            x = attn.o_proj(o.view(n, attn.q_size))
+            norm_w = layer.post_attention_layernorm.weight
+            if fuse:
+                act, residual = ops.rms_norm_linear(
+                    x, residual, norm_w, eps, mlp.gate_up_proj.weight, gated_silu=True
+                )
+            else:
+                h, residual = ops.add_rms_norm(x, residual, norm_w, eps)
+                act = ops.silu_and_mul(mlp.gate_up_proj(h))
+            x = mlp.down_proj(act)
+        if residual is None:  # a model without layers
+            return ops.rms_norm(x, self.norm.weight, eps)
+        return ops.add_rms_norm(x, residual, self.norm.weight, eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

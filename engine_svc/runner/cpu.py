@@ -1,5 +1,6 @@
 """Turns a SchedulerOutput into one forward pass over the flattened batch, and returns the
-logits of the positions that are sampled (plus every position of prompt-logprob chunks)."""
+logits of the positions that are sampled (plus every position of prompt-logprob chunks).
+The model runs on the CPU ops of ``engine_svc.runner.cpu_model_ops``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine_svc.models.config import ModelConfig
+from engine_svc.models.llama import LlamaModel
 from engine_svc.runner import cpu_ops
 from engine_svc.runner.attention import build_metadata
-from engine_svc.models.llama import LlamaModel
-from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
-from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine_svc.runner.cpu_model_ops import cpu_model_ops
 
 
 @dataclass(slots=True)
@@ -42,17 +44,13 @@ class ModelRunner:
         self.packed_linears = 0
         if dtype == torch.float32 and cpu_ops.packed_linear_supported():
             self.packed_linears = cpu_ops.pack_linears(model)
-        model.fused_cpu_ops = cpu_ops.fused_ops_available(dtype)
+        # float32: the element-wise ops fused in C++ (FusedCpuOps); plain torch otherwise.
+        self.ops = cpu_model_ops(cfg, dtype, max_model_len)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
         # (heads outer: see engine_svc.runner.attention.attend).
         self.kv_caches = torch.zeros(
             cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_size, dtype=dtype
         )
-        cs = rope_cos_sin_cache(cfg, max_model_len)
-        half = cs.shape[1] // 2
-        # HF Llama casts cos/sin to the activation dtype before rotating: do the same.
-        self.cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).to(dtype)
-        self.sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).to(dtype)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -73,9 +71,8 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(s.block_table)
         meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.fused_decode)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64), cos, sin, self.kv_caches, meta)
+        step = self.ops.step(torch.tensor(positions, dtype=torch.int64), meta)
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64), self.kv_caches, self.ops, step)
 
         return select_logits(self.model, seqs, hidden)
 

@@ -11,8 +11,8 @@
   packed once into column panels (``pack_weight``); 1.2-2x faster than BLAS at decode batch
   sizes, level with it at prefill sizes, and batch-invariant. ``PackedLinear`` is the module.
 - ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
-  layer's element-wise ops fused, float32 (``engine_svc.models.llama`` uses them when
-  ``LlamaModel.fused_cpu_ops`` is set).
+  layer's element-wise ops fused, float32 (the model runs on them through
+  ``engine_svc.runner.cpu_model_ops.FusedCpuOps``).
 
 Both are optional: when the build fails (no compiler, no ninja) or ``PAGEDSERVE_CPU_KERNEL=0``
 is set, ``load()`` returns None and the engine keeps the plain-torch path; without AVX-512

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine_svc.runner.cuda_forward import BatchTensors, forward
-from engine_svc.runner.cuda_graphs import DecodeGraphs, capture_sizes
-from engine_svc.models.llama import LlamaModel
-from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
-from engine_svc.runner.cpu import RunnerOutput, select_logits
 from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
+from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
+from engine_svc.models.llama import LlamaModel
+from engine_svc.runner.cpu import RunnerOutput, select_logits
+from engine_svc.runner.cuda_graphs import DecodeGraphs, capture_sizes
+from engine_svc.runner.cuda_model_ops import BatchTensors, KernelOps
 
 log = logging.getLogger("pagedserve.cuda_runner")
 
@@ -113,7 +113,7 @@ class CudaModelRunner:
     ) -> None:
         from kernels import triton_ops  # triton is only needed (and maybe only installed) here
 
-        self.ops = triton_ops
+        self.kernels = triton_ops  # the model runs on KernelOps over these
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # set_device needs one
@@ -123,7 +123,7 @@ class CudaModelRunner:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enforce_eager = enforce_eager
         # Small decode batches through kernels/linear.py's fused norm -> projection (see
-        # cuda_forward). Off unless asked for until a GPU run shows it beats cuBLAS there:
+        # cuda_model_ops). Off unless asked for until a GPU run shows it beats cuBLAS there:
         # gpu_bench times both side by side.
         if fused_norm_linear is None:
             fused_norm_linear = os.environ.get("PAGEDSERVE_FUSED_NORM_LINEAR", "0") == "1"
@@ -160,7 +160,8 @@ class CudaModelRunner:
         self._allocate_kv(profile_blocks)
         lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
         batch = self._prefill_batch(lens, blocks_per_seq)
-        hidden = forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache)
+        ops = KernelOps(self.kernels, self.cos_sin_cache)
+        hidden = self.model(batch.input_ids, self.kv_caches, ops, batch)
         # The sampler's float32 logits for every sequence are part of the peak.
         logits = self.model.compute_logits(hidden[: self.max_num_seqs]).float()
         torch.softmax(logits, dim=-1)
@@ -232,8 +233,8 @@ class CudaModelRunner:
         )
 
     def _forward(self, batch: BatchTensors) -> torch.Tensor:
-        return forward(self.model, self.ops, batch, self.kv_caches, self.cos_sin_cache,
-                       self.fused_norm_linear)  # fmt: skip
+        ops = KernelOps(self.kernels, self.cos_sin_cache, self.fused_norm_linear)
+        return self.model(batch.input_ids, self.kv_caches, ops, batch)
 
     def _prefill_batch(self, lens: list[int], blocks_per_seq: int) -> BatchTensors:
         """Fresh prompts of the given lengths, sequence i in blocks [i * bps, (i + 1) * bps)."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine_svc.runner.cuda_forward import BatchTensors
+from engine_svc.runner.cuda_model_ops import BatchTensors
 
 log = logging.getLogger("pagedserve.cuda_graphs")
 
