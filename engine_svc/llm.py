@@ -9,11 +9,12 @@ from dataclasses import dataclass, field, replace
 from tqdm import tqdm
 
 from engine_svc.config import EngineConfig
-from engine_svc.engine import LLMEngine
-from protos.errors import InvalidRequestError
 from engine_svc.core.request import FinishReason, Request
-from protos.sampling import SamplingParams
+from engine_svc.engine import LLMEngine
+from engine_svc.models.detokenizer import IncrementalDetokenizer
 from engine_svc.models.tokenizer import Tokenizer
+from protos.errors import InvalidRequestError
+from protos.sampling import SamplingParams
 
 
 @dataclass(slots=True)
@@ -62,8 +63,6 @@ class LLM:
         path = self.engine.model_path
         self.tokenizer = Tokenizer(path) if path and (path / "tokenizer.json").is_file() else None
         self._ids = itertools.count()
-        self._stop_seen: dict[str, int] = {}  # request id -> text length at its last check
-        self._stop_at: dict[str, tuple[int, str]] = {}  # request id -> (text index, stop string)
 
     def generate(
         self,
@@ -95,16 +94,20 @@ class LLM:
         for ids, sp in zip(encoded, params):
             self._precheck(ids, sp)
         groups: list[tuple[str, PromptType, list[Request]]] = []
+        detoks: dict[str, IncrementalDetokenizer] = {}  # by sequence id; none without tokenizer
         try:
             for i, (p, ids, sp) in enumerate(zip(prompts, encoded, params)):
                 rid = f"offline-{next(self._ids)}"
                 prio = priority[i] if priority else 0
-                groups.append((rid, p, self.engine.add_request(rid, ids, sp, priority=prio)))
-            self._run(groups, use_tqdm)
+                reqs = self.engine.add_request(rid, ids, sp, priority=prio)
+                groups.append((rid, p, reqs))
+                if self.tokenizer is not None:
+                    detoks.update((r.request_id, self._detokenizer(ids, sp)) for r in reqs)
+            self._run(groups, detoks, use_tqdm)
         except BaseException:
             self.engine.abort_request([rid for rid, _, _ in groups])
             raise
-        return [self._output(rid, p, reqs) for rid, p, reqs in groups]
+        return [self._output(rid, p, reqs, detoks) for rid, p, reqs in groups]
 
     def chat(
         self,
@@ -150,43 +153,41 @@ class LLM:
             raise InvalidRequestError("stop strings need a tokenizer")
         self.engine.validate_request(ids, sp)
 
-    def _run(self, groups, use_tqdm: bool) -> None:
+    def _detokenizer(self, prompt_ids: list[int], sp: SamplingParams) -> IncrementalDetokenizer:
+        """The tokenizer workers' detokenizer: the same text and stop-string rules as served."""
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            skip_special_tokens=sp.skip_special_tokens,
+            stop=sp.stop,
+            include_stop_str_in_output=sp.include_stop_str_in_output,
+            min_tokens=sp.min_tokens,
+        )
+
+    def _run(self, groups, detoks: dict[str, IncrementalDetokenizer], use_tqdm: bool) -> None:
         total = sum(len(reqs) for _, _, reqs in groups)
         with tqdm(total=total, desc="Generating", unit="seq", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
-                outs = self.engine.step()
-                for o in outs:
-                    req = o.request
-                    if req.params.stop and req.finish_reason in (None, FinishReason.LENGTH):
-                        self._check_stop_strings(req)  # the last token's text counts too
+                for o in self.engine.step():
+                    # With stop strings the text is needed as it comes, since a match stops
+                    # the sequence; without, it is decoded once at the end (_completion): fed
+                    # in one piece or token by token, the detokenizer gives the same text.
+                    if o.request.params.stop and o.request_id in detoks:
+                        detok = detoks[o.request_id]
+                        detok.add(o.new_token_ids)
+                        if detok.stopped:  # the engine must not go on (no-op if it finished)
+                            self.engine.abort_request([o.request_id])
                     if o.request.is_finished:
                         bar.update(1)
 
-    def _check_stop_strings(self, req: Request) -> None:
-        """Once ``min_tokens`` are out, a stop string found in the text the newest token
-        added (or reaching into it) ends the sequence, as in vLLM."""
-        tok = self._require_tokenizer()
-        rid = req.request_id
-        text = tok.decode(req.output_token_ids, req.params.skip_special_tokens)
-        seen = self._stop_seen.get(rid, 0)
-        # A character split across tokens decodes as U+FFFD until its last byte comes: that
-        # tail is not seen yet (the next token's text replaces it).
-        self._stop_seen[rid] = len(text.rstrip("\ufffd"))
-        if len(req.output_token_ids) < req.params.min_tokens:
-            return
-        # Only a match that ends in the new text: earlier ones were there before min_tokens.
-        found = [
-            (i, st)
-            for st in req.params.stop
-            if (i := text.find(st, max(0, seen - len(st) + 1))) >= 0
-        ]
-        if found:
-            self.engine.abort_request([rid])  # nothing to do when it had just finished
-            req.finish_reason = FinishReason.STOP_SEQUENCE
-            self._stop_at[rid] = min(found, key=lambda m: (m[0], -len(m[1])))  # ties: longest
-
-    def _output(self, rid: str, prompt: PromptType, reqs: list[Request]) -> RequestOutput:
-        outs = [self._completion(i, r) for i, r in enumerate(reqs)]
+    def _output(
+        self,
+        rid: str,
+        prompt: PromptType,
+        reqs: list[Request],
+        detoks: dict[str, IncrementalDetokenizer],
+    ) -> RequestOutput:
+        outs = [self._completion(i, r, detoks.get(r.request_id)) for i, r in enumerate(reqs)]
         first = reqs[0]
         plp = None
         if first.params.prompt_logprobs is not None:
@@ -210,25 +211,23 @@ class LLM:
             usage=usage,
         )
 
-    def _completion(self, index: int, r: Request) -> CompletionOutput:
+    def _completion(
+        self, index: int, r: Request, detok: IncrementalDetokenizer | None
+    ) -> CompletionOutput:
         ids = list(r.output_token_ids)
-        text, stop_reason = "", r.stop_token_id
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, r.params.skip_special_tokens)
-            at = self._stop_at.pop(r.request_id, None)
-            if r.finish_reason is FinishReason.STOP_SEQUENCE and at is not None:
-                i, stop_reason = at
-                text = (
-                    text[: i + len(stop_reason)]
-                    if r.params.include_stop_str_in_output
-                    else text[:i]
-                )
-        self._stop_seen.pop(r.request_id, None)
+        text, finish, stop_reason = "", r.finish_reason, r.stop_token_id
+        if detok is not None:
+            if rest := ids[detok.num_tokens :]:
+                detok.add(rest)
+            detok.finish()  # flushes held-back text, in which a stop string may still match
+            text = detok.text
+            if detok.stopped:  # wins over the engine's reason, as in the tokenizer workers
+                finish, stop_reason = FinishReason.STOP_SEQUENCE, detok.matched_stop
         logprobs = None
         if r.params.logprobs is not None:
             logprobs = [_lp_dict(t, lp, top) for t, lp, top in zip(ids, r.logprobs, r.top_logprobs)]
         cum = sum(r.logprobs) if r.params.logprobs is not None else None
-        reason = r.finish_reason.value if r.finish_reason else None
+        reason = finish.value if finish else None
         return CompletionOutput(index, text, ids, reason, stop_reason, logprobs, cum)
 
 

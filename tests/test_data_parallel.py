@@ -3,7 +3,7 @@
 and gRPC), and the tokenizer workers' routing rule on its own.
 
 Routing is deterministic for a given prompt and engine addresses (see
-``tokenizer_svc.worker.route``), so the end-to-end tests pick prompts that go to a known
+``tokenizer_svc.routing.route``), so the end-to-end tests pick prompts that go to a known
 replica instead of hoping a random spread covers both."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from engine_svc import LLM, SamplingParams
 from protos.pagedserve.internal.v1 import ipc_pb2
 from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
-from tokenizer_svc.worker import (
+from tokenizer_svc.routing import (
     AFFINITY_BLOCKS,
     BALANCE_SLACK,
     EngineLink,
@@ -102,7 +102,7 @@ def test_route_is_the_same_in_every_process():
     prefix to the same engine, or each would warm a different engine's cache with it."""
     code = (
         "import random, sys\n"
-        "from tokenizer_svc.worker import EngineLink, prefix_chain, route\n"
+        "from tokenizer_svc.routing import EngineLink, prefix_chain, route\n"
         "from protos.pagedserve.internal.v1 import ipc_pb2\n"
         "links = [EngineLink(i, f'tcp://engine-{i}:5560') for i in range(3)]\n"
         "for e in links: e.status = ipc_pb2.EngineStatus(ready=True)\n"

@@ -18,9 +18,9 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from protos.errors import InvalidRequestError
+from engine_svc.models.detokenizer import IncrementalDetokenizer
 from engine_svc.models.tokenizer import Tokenizer
-from tokenizer_svc.detokenizer import IncrementalDetokenizer
+from protos.errors import InvalidRequestError
 
 REPLACEMENT = "\ufffd"
 
@@ -400,6 +400,17 @@ def test_add_after_finish_is_an_error(smol):
     detok.finish()
     with pytest.raises(RuntimeError):
         detok.add([1])
+
+
+def test_num_tokens_stops_counting_at_the_stop_string(smol):
+    """The offline LLM feeds a sequence what `num_tokens` says it has not taken yet."""
+    out = out_ids(smol, " one two END three four")
+    assert len(out) == 5
+    detok = IncrementalDetokenizer(smol, [], stop=["END"])
+    assert detok.add(out[:2]) == " one two" and detok.num_tokens == 2
+    assert detok.add(out[2:4]) == " " and detok.stopped
+    assert detok.num_tokens == 4  # the token that completed the match, and the one with it
+    assert detok.add(out[4:]) == "" and detok.num_tokens == 4
 
 
 # ----------------------------------------------------------------------------- fuzz

@@ -387,8 +387,8 @@ def test_sliding_window_models_are_capped_at_the_window(caplog):
 def test_unsupported_rope_and_too_long_max_model_len_are_refused_before_loading(tmp_path):
     import json
 
-    from protos.errors import ModelLoadError
     from engine_svc.models.config import ModelConfig
+    from protos.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="'yarn' is not supported"):
         ModelConfig.from_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))

@@ -17,7 +17,8 @@ import zmq
 
 from engine_svc.models.fetch import fetch_default_model
 from protos.pagedserve.internal.v1 import ipc_pb2
-from tokenizer_svc.worker import BALANCE_SLACK, Worker, prefix_chain, route
+from tokenizer_svc.routing import BALANCE_SLACK, prefix_chain, route
+from tokenizer_svc.worker import Worker
 
 IDENT = b"tok-test"
 BLOCK = 16

@@ -1,4 +1,9 @@
-"""Incremental detokenization: one sequence's token ids in, UTF-8-safe text deltas out.
+"""Incremental detokenization: one sequence's token ids in, UTF-8-safe text deltas out, stop
+strings applied.
+
+The one implementation of both, used by the tokenizer workers (the streamed deltas) and by the
+offline `LLM` (its text and stop strings): a request gets the same text and finish reason from
+either.
 
 Two layers, each holding text back for its own reason:
 
@@ -10,7 +15,7 @@ Two layers, each holding text back for its own reason:
 - `IncrementalDetokenizer` holds back any tail that could still grow into a stop string and
   cuts the text when one matches.
 
-Pure Python on top of the tokenizer's `decode`; no torch, so it runs in the tokenizer workers.
+Pure Python on top of the tokenizer's `decode`; no torch.
 """
 
 from __future__ import annotations
@@ -137,6 +142,11 @@ class IncrementalDetokenizer:
         self._num_tokens = 0
         self.stopped = False
         self.matched_stop: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens taken by `add()` (it takes none once a stop string has matched)."""
+        return self._num_tokens
 
     @property
     def text(self) -> str:
