@@ -37,8 +37,8 @@ import torch
 
 from engine_svc import LLM, SamplingParams
 from engine_svc.config import EngineConfig, cpu_has_native_bf16
-from engine_svc.engine import LLMEngine
 from engine_svc.core.request import FinishReason, Request
+from engine_svc.engine import LLMEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "benchmarks.md"

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import torch
 
-from engine_svc.core.block_manager import BlockManager
 from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_device, resolve_dtype
-from protos.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from engine_svc.core.block_manager import BlockManager
+from engine_svc.core.request import FinishReason, Request
+from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine_svc.models.config import ModelConfig
 from engine_svc.models.loader import dummy_model, load_model
 from engine_svc.runner.cpu import ModelRunner, RunnerOutput
-from engine_svc.core.request import FinishReason, Request
 from engine_svc.sampler import Sampler, SamplingRow
+from protos.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from protos.sampling import MAX_N, SamplingParams
-from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -45,7 +45,9 @@ class StepStats:
 def resolve_model_path(model: str | None, progress: bool) -> Path:
     path = None if model is None else Path(model).expanduser()
     if path is None or path.suffix == ".gguf":
-        from engine_svc.models import fetch as model_fetch  # imports gguf: not needed for an HF directory
+        from engine_svc.models import (
+            fetch as model_fetch,  # imports gguf: not needed for an HF directory
+        )
 
         if path is None:
             return model_fetch.fetch_default_model(progress=progress)

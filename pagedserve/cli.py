@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from protos.errors import PagedServeError
 from pagedserve.serve import positive_int
+from protos.errors import PagedServeError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -174,8 +174,8 @@ def add_tokenizer_args(p: argparse.ArgumentParser, standalone: bool) -> None:
 # -- engine ------------------------------------------------------------------------------------
 def cmd_engine(a: argparse.Namespace, engine_kwargs: dict) -> int:
     from engine_svc.config import EngineConfig
-    from protos.errors import InvalidRequestError, ModelFetchError, ModelLoadError
     from engine_svc.server import EngineServer
+    from protos.errors import InvalidRequestError, ModelFetchError, ModelLoadError
 
     setup_logging(a.log_level, "engine" if a.index is None else f"engine-{a.index}")
     server = EngineServer(
@@ -276,8 +276,8 @@ def api_keys(a: argparse.Namespace) -> list[str]:
 
 
 def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: int):
-    from protos.requests import Limits
     from gateway.server import GatewayConfig
+    from protos.requests import Limits
 
     keys = api_keys(a)
     return GatewayConfig(

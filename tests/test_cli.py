@@ -213,8 +213,8 @@ def test_a_failed_model_download_exits_1_to_be_retried(monkeypatch):
     import argparse
 
     from engine_svc import server
-    from protos.errors import ModelFetchError
     from pagedserve import serve
+    from protos.errors import ModelFetchError
 
     class Offline:
         def __init__(self, *a, **kw) -> None:

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from gateway.workers import STALL_GRACE_S, Stream, WorkerPool, WorkerState
-from protos.transport import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 from protos.pagedserve.internal.v1 import ipc_pb2
+from protos.transport import DEAD_AFTER_S, GATEWAY_PING_TIMEOUT_S, HEARTBEAT_S
 
 TOK0 = b"tok-0-abc123"
 GENERATED = b"\x00k\x8bEg"  # what libzmq calls a connection replaced by ROUTER_HANDOVER

@@ -439,8 +439,13 @@ def test_rms_norm_linear(dtype, rows, residual, bias, gated, gen):
     # a bf16/fp16 result may land one ulp away (and a gated one a few, through silu).
     ulp = {torch.float32: 2**-17, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
     torch.testing.assert_close(got.cpu(), want, rtol=4 * ulp, atol=4 * ulp)
-    if dtype != torch.float32:  # nearly all elements bit for bit
-        assert (got.cpu() != want).float().mean() < 0.05
+    # Nearly all elements bit for bit. fp16 keeps 3 more mantissa bits than bf16, so a float32
+    # sum in another order lands on a neighbouring fp16 value more often: over 40 random seeds
+    # up to 6 of one row's 40 outputs (15 %) and 5.5 % of 5 rows differed (0.05 had failed
+    # about one run in six).
+    if dtype != torch.float32:
+        share = {torch.bfloat16: 0.05, torch.float16: 0.25}[dtype]
+        assert (got.cpu() != want).float().mean() < share
 
 
 def test_rms_norm_linear_default_tiles_and_one_k_tile(gen):

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from protos.errors import ModelLoadError
 from engine_svc.models.fetch import (
     DEFAULT_MODEL_NAME,
     convert_gguf,
@@ -31,6 +30,7 @@ from engine_svc.models.fetch import (
     fetch_default_model,
     pagedserve_home,
 )
+from protos.errors import ModelLoadError
 
 PARAGRAPH = (
     "The sun rose slowly over the quiet village, casting long shadows across the empty streets. "

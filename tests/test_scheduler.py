@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import pytest
 
 from engine_svc.core.block_manager import BlockManager
-from protos.errors import QueueFullError
 from engine_svc.core.request import FinishReason, Request, RequestStatus
-from protos.sampling import SamplingParams
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from protos.errors import QueueFullError
+from protos.sampling import SamplingParams
 
 EOS = 2
 

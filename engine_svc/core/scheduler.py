@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from engine_svc.core.block_manager import BlockManager
-from protos.errors import QueueFullError
 from engine_svc.core.request import FinishReason, Request, RequestStatus
+from protos.errors import QueueFullError
 
 
 @dataclass(slots=True)

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from protos.errors import ModelLoadError
-from engine_svc.models.llama import LlamaModel
 from engine_svc.models.config import ModelConfig
+from engine_svc.models.llama import LlamaModel
+from protos.errors import ModelLoadError
 
 # HF name -> (our fused parameter, index of the part inside it)
 _FUSED = {
