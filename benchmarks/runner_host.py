@@ -7,7 +7,7 @@ sequences of long context that used to cost as much as the step itself. This tim
 context lengths, each step adding one token per sequence (a new block every 16 tokens).
 
     python -m benchmarks.runner_host                    # this checkout
-    python -m benchmarks.runner_host --against 128c6d6  # and an older engine_svc/runner/cuda.py,
+    python -m benchmarks.runner_host --against 128c6d6  # and an older CUDA runner,
                                                         # side by side in one run
     python -m benchmarks.runner_host --engine-step      # a whole engine step's host time by
                                                         # part, the model forward left out
@@ -37,19 +37,38 @@ BLOCK = 16
 NUM_SEQS = 256
 
 
+# Module names before the layout change (issue 11) -> where that code lives now.
+_OLD_MODULES = {
+    "engine_svc.model": "engine_svc.models.llama",
+    "engine_svc.model_config": "engine_svc.models.config",
+    "engine_svc.model_runner": "engine_svc.runner.cpu",
+    "engine_svc.cuda_graphs": "engine_svc.runner.cuda_graphs",
+    "engine_svc.scheduler": "engine_svc.core.scheduler",
+}
+
+
 def _old_module(rev: str) -> ModuleType:
-    src = subprocess.run(
-        ["git", "show", f"{rev}:engine_svc/runner/cuda.py"],
-        cwd=REPO, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    src = None
+    for old_path in ("engine_svc/runner/cuda.py", "engine_svc/cuda_runner.py"):  # after, before
+        res = subprocess.run(
+            ["git", "show", f"{rev}:{old_path}"], cwd=REPO, capture_output=True, text=True
+        )
+        if res.returncode == 0:
+            src = res.stdout
+            break
+    if src is None:
+        raise SystemExit(f"{rev} has no CUDA runner (engine_svc/runner/cuda.py or cuda_runner.py)")
     path = Path(tempfile.mkdtemp()) / "cuda_runner_old.py"
     path.write_text(src)
-    # Revisions from before the one Llama forward import BatchTensors and the CUDA forward from
-    # engine_svc.runner.cuda_forward, now gone; the input building timed here needs only the
-    # former (same fields), never the forward.
-    stand_in = ModuleType("engine_svc.runner.cuda_forward")
+    # Older revisions import BatchTensors and the CUDA forward from a cuda_forward module, now
+    # gone, and the rest from the modules' names before engine_svc/ was split into rooms: the
+    # input building timed here needs only BatchTensors (same fields) and those helpers.
+    stand_in = ModuleType("cuda_forward")
     stand_in.BatchTensors, stand_in.forward = BatchTensors, None
-    sys.modules.setdefault(stand_in.__name__, stand_in)
+    sys.modules.setdefault("engine_svc.runner.cuda_forward", stand_in)
+    sys.modules.setdefault("engine_svc.cuda_forward", stand_in)
+    for old, new in _OLD_MODULES.items():
+        sys.modules.setdefault(old, importlib.import_module(new))
     spec = importlib.util.spec_from_file_location("cuda_runner_old", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -177,7 +196,7 @@ def engine_step_host(context: int, steps: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--against", metavar="REV", help="also time cuda_runner.py at this git rev")
+    p.add_argument("--against", metavar="REV", help="also time the CUDA runner at this git rev")
     p.add_argument("--contexts", default="512,1024,4096", help="context lengths, comma-separated")
     p.add_argument("--steps", type=int, default=64, help="timed steps per context")
     p.add_argument("--engine-step", action="store_true",
