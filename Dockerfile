@@ -16,10 +16,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# A C/C++ compiler at run time: the CPU engine builds its C++ kernels (decode attention,
-# packed linear layers) on first start (engine_svc/runner/cpu_ops.py; without one it falls back to
-# the slower torch path),
-# and Triton (CUDA) compiles a small C launcher.
+# A C/C++ compiler: the CPU engine's C++ kernels (engine_svc/runner/cpu_ops.py) are built
+# below for the build host's CPU, and again at first start on a CPU with other flags (without
+# a compiler it falls back to the slower torch path); Triton (CUDA) compiles a small C launcher.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
@@ -42,6 +41,8 @@ RUN useradd --create-home --uid 10001 pagedserve \
 ENV PAGEDSERVE_HOME=/models
 USER pagedserve
 WORKDIR /home/pagedserve
+# The C++ CPU kernels into the user's torch extension cache (not fatal: the torch path remains).
+RUN pagedserve build-kernels || true
 
 # 50051 gRPC and 9400 Prometheus metrics (gateway); 5560 engine and 5561 gateway ZeroMQ.
 EXPOSE 50051 9400 5560 5561

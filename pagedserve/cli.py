@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 
@@ -153,6 +155,33 @@ def cmd_fetch_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(a: argparse.Namespace) -> int:
+    from engine_svc.runner import cpu_ops
+
+    if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
+        print("PAGEDSERVE_CPU_KERNEL=0: the C++ CPU kernels are off; nothing built")
+        return 0
+    logging.getLogger("pagedserve.engine").setLevel(logging.ERROR)  # the outcome is printed
+    built = cpu_ops.build_path().exists()
+    if not built:
+        print("building the C++ CPU kernels (about a minute, once) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    module = cpu_ops.load()
+    if module is None:
+        print(
+            f"pagedserve: the C++ CPU kernels are not available: {cpu_ops.load_error()}\n"
+            "The engine will run the slower plain-torch path on the CPU. Install a C++ compiler "
+            "(g++) and ninja, then run `pagedserve build-kernels` again.",
+            file=sys.stderr,
+        )
+        return 1
+    what = "already built" if built else f"built in {time.perf_counter() - t0:.0f} s"
+    packed = "yes" if module.packed_linear_supported() else "no (needs AVX-512)"
+    print(f"C++ CPU kernels {what}: {cpu_ops.build_path()}")
+    print(f"packed float32 linear layers: {packed}")
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from engine_svc import LLM, SamplingParams
 
@@ -196,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="convert again even if cached")
     p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser(
+        "build-kernels",
+        formatter_class=_HelpFormatter,
+        help="build the C++ CPU kernels now (scripts/setup.sh does it at install)",
+        description="Compile the CPU engine's C++ kernels (decode attention, fused element-wise "
+        "ops, packed float32 linear layers on AVX-512) for this CPU, torch and source version "
+        "into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), "
+        "so that the engine loads them at start instead of compiling them then. A build that is "
+        "already there is only loaded. Needs a C++ compiler and ninja; exits 1 when they are "
+        "missing or the build fails (the engine then runs the slower plain-torch path).",
+    )
+    p.set_defaults(func=cmd_build_kernels)
 
     p = sub.add_parser(
         "generate",

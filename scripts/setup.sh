@@ -10,4 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The CPU engine's C++ kernels, compiled now rather than at the server's first start.
+.venv/bin/pagedserve build-kernels \
+  || echo "setup: going on without the C++ CPU kernels (the CPU engine will be slower)" >&2
 echo "pagedserve installed in $(pwd)/.venv"

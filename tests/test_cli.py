@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from tests.serving_stack import REPO
 from tests.serving_stack import run_cli as _run
 from tests.tiny_models import make_tiny_model
 
 
 @pytest.mark.parametrize(
     "sub",
-    [[], ["generate"], ["fetch-model"], ["up"], ["engine"], ["tokenizer"], ["gateway"], ["health"]],
-)
+    [[], ["generate"], ["fetch-model"], ["build-kernels"], ["up"], ["engine"], ["tokenizer"],
+     ["gateway"], ["health"]],
+)  # fmt: skip
 def test_help_explains_every_flag(sub):
     r = _run(*sub, "--help")
     assert r.returncode == 0
@@ -228,3 +237,40 @@ def test_a_failed_model_download_exits_1_to_be_retried(monkeypatch):
     a = argparse.Namespace(log_level="error", index=None, model=None, listen="ipc:///tmp/x.sock",
                            served_model_name=None)  # fmt: skip
     assert serve.cmd_engine(a, {}) == 1
+
+
+def _build_kernels(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pagedserve.cli", "build-kernels"],
+        cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler here"
+)
+def test_build_kernels_builds_then_only_loads():
+    first = _build_kernels()  # scripts/setup.sh has built them already: then only a load
+    assert first.returncode == 0, first.stderr
+    m = re.search(r"C\+\+ CPU kernels (?:already built|built in \d+ s): (\S+)", first.stdout)
+    assert m and Path(m[1]).is_file(), first.stdout
+    again = _build_kernels()
+    assert again.returncode == 0, again.stderr
+    assert f"C++ CPU kernels already built: {m[1]}" in again.stdout
+    assert "building" not in again.stderr
+
+
+def test_build_kernels_without_a_compiler_is_a_clear_error(tmp_path):
+    """No build in the cache and no compiler: exit 1, the compiler's complaint in one line
+    and what to do, no traceback."""
+    r = _build_kernels(TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-cxx"))
+    assert r.returncode == 1
+    assert "the C++ CPU kernels are not available:" in r.stderr
+    assert "no-cxx" in r.stderr and "plain-torch path" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_build_kernels_when_they_are_turned_off():
+    r = _build_kernels(PAGEDSERVE_CPU_KERNEL="0")
+    assert r.returncode == 0
+    assert "PAGEDSERVE_CPU_KERNEL=0" in r.stdout

@@ -14,9 +14,13 @@
   layer's element-wise ops fused, float32 (the model runs on them through
   ``engine_svc.runner.cpu_model_ops.FusedCpuOps``).
 
-Both are optional: when the build fails (no compiler, no ninja) or ``PAGEDSERVE_CPU_KERNEL=0``
-is set, ``load()`` returns None and the engine keeps the plain-torch path; without AVX-512
-``packed_linear_supported()`` is false and torch's linear layers stay.
+They are built at install (``scripts/setup.sh`` and the Docker image run ``pagedserve
+build-kernels``, which calls ``load()``) into torch's extension cache, and loaded from there at
+every engine start; an engine that finds no build for this CPU, torch and source version
+builds it first, and says so. All optional: when the build fails (no compiler, no ninja) or
+``PAGEDSERVE_CPU_KERNEL=0`` is set, ``load()`` returns None (``load_error()`` says why) and the
+engine keeps the plain-torch path; without AVX-512 ``packed_linear_supported()`` is false and
+torch's linear layers stay.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 _lock = threading.Lock()
 _module = None
 _tried = False
+_error: str | None = None  # why the last load() found no kernels
 
 
 def build_name(sources: list[str]) -> str:
@@ -67,14 +72,28 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_path() -> Path:
+    """The shared library of this CPU, torch and source version (it may not exist yet)."""
+    from torch.utils import cpp_extension
+
+    name = build_name([(CSRC / f).read_text() for f in SOURCES])
+    return Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+
+
+def load_error() -> str | None:
+    """Why ``load()`` returned None (disabled, or the build failed), else None."""
+    return _error
+
+
 def load():
     """The compiled module, or None when it cannot be built (the torch path is used then)."""
-    global _module, _tried
+    global _module, _tried, _error
     with _lock:
         if _tried:
             return _module
         _tried = True
         if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
+            _error = "disabled by PAGEDSERVE_CPU_KERNEL=0"
             return None
         try:
             from torch.utils import cpp_extension
@@ -82,8 +101,16 @@ def load():
 
             sources = [(CSRC / f).read_text() for f in SOURCES]
             name = build_name(sources)
-            with build_lock(cpp_extension._get_build_directory(name, False)):
-                log.info("building the CPU kernels (once; cached by torch as %s)", name)
+            build_dir = cpp_extension._get_build_directory(name, False)
+            with build_lock(build_dir):
+                if os.path.exists(os.path.join(build_dir, f"{name}.so")):
+                    log.info("loading the CPU kernels built in %s", build_dir)
+                else:  # not built at install (or for another CPU, torch or source version)
+                    log.warning(
+                        "building the C++ CPU kernels now, about a minute, once (install runs "
+                        "`pagedserve build-kernels` to do it ahead): %s",
+                        build_dir,
+                    )
                 _module = load_inline(
                     name=name,
                     cpp_sources=sources,  # bindings.cpp binds them (GIL released)
@@ -92,9 +119,20 @@ def load():
                     verbose=False,
                 )
         except Exception as e:  # no compiler or ninja: keep the plain-torch path
-            log.warning("CPU kernels unavailable (%s); using the torch path", e)
+            _error = _short(e)
+            log.warning("CPU kernels unavailable (%s); using the torch path", _error)
             _module = None
         return _module
+
+
+def _short(e: Exception) -> str:
+    """A failed build's cause in a line or two: the compiler's own error lines (torch's message
+    repeats every command line of the build)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if "error" in ln.lower() or "not found" in ln]
+    causes = [ln for ln in causes if not ln.startswith("Error building extension")]
+    text = "; ".join(causes[:3] or lines[:1] or [type(e).__name__])
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 @contextlib.contextmanager
