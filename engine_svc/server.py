@@ -26,9 +26,9 @@ import zmq
 from engine_svc.config import EngineConfig
 from engine_svc.core.request import FinishReason
 from engine_svc.engine import LLMEngine, StepOutput
+from protos.convert import params_from_proto
 from protos.errors import InvalidRequestError, QueueFullError
 from protos.pagedserve.internal.v1 import ipc_pb2
-from protos.sampling import params_from_proto
 from protos.transport import DEAD_AFTER_S, HEARTBEAT_S, bind
 
 log = logging.getLogger("pagedserve.engine")

@@ -1,20 +1,25 @@
-"""Public requests -> the internal ``TextRequest``: the one mapping every front end shares.
+"""Public requests -> the internal ``TextRequest``: the mapping the front ends share.
 
-A front end (the gRPC service; the OpenAI HTTP API) turns its request into a dict of
-sampling fields under their public names (vLLM's, which ``SamplingParams`` also uses) with unset
-fields absent, and calls ``text_request``; for gRPC, ``grpc_sampling_fields`` makes that dict.
-Validation and defaults are the dataclass's (``protos.sampling``); what is checked here is only
-what the dataclass cannot know (the served model's vocabulary and context, the server's limits).
+The gRPC front (``gateway/service.py``) calls ``text_request``. It takes the sampling fields
+the client set as a dict under their public names (vLLM's, which ``SamplingParams`` also
+uses; ``grpc_sampling_fields``), makes the dataclass from them (``sampling_params``) and the
+message from that (``internal_request``), then adds the prompt. The OpenAI HTTP front (issue
+13, not built yet) is to call ``sampling_params`` and ``internal_request`` the same way with
+the fields of its JSON body. Validation and defaults are the dataclass's (``protos.sampling``);
+what is checked here is only what it cannot know (the served model's vocabulary and context,
+the server's limits, how the public API encodes "unset").
 
 Raises ``InvalidRequestError`` (-> INVALID_ARGUMENT) with a message that names the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from protos.convert import params_to_proto
 from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.pagedserve.v1 import inference_pb2 as pb
@@ -25,7 +30,6 @@ from protos.sampling import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
-    params_to_proto,
 )
 
 MAX_ROLE_CHARS = 64  # a chat message's role ("system", "user", "assistant", "tool", ...)
@@ -56,6 +60,9 @@ _FLOATS = {
     "presence_penalty",
     "frequency_penalty",
 }
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,11 +107,16 @@ def sampling_params(fields: Mapping[str, Any], vocab_size: int) -> SamplingParam
     defaults, except ``max_tokens``: unset stays unset (None), so that the worker applies the
     server's ``--default-max-tokens`` capped by the room the prompt leaves (not the offline
     default of 16). Token ids named by the fields must be in the model's vocabulary."""
+    unknown = sorted(set(fields) - _FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling fields: {', '.join(map(str, unknown))}")
     stop_ids = fields.get("stop_token_ids") or ()
     if len(stop_ids) > MAX_STOP_TOKEN_IDS:  # SamplingParams leaves room for added ids
         raise InvalidRequestError(
             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(stop_ids)}"
         )
+    if fields.get("max_tokens") == 0:  # the public API's unset is absent, not 0
+        raise InvalidRequestError("max_tokens must be >= 1 (leave it unset for the default)")
     sp = SamplingParams(**{"max_tokens": None, **fields})
     sp.check_vocab(vocab_size)
     return sp
@@ -141,7 +153,8 @@ def internal_request(
     return_prompt_token_ids: bool = False,
     priority: int = 0,
 ) -> ipc_pb2.TextRequest:
-    """The internal message for validated params, without its prompt (the caller sets it)."""
+    """The internal message for validated params, without its prompt (the caller sets it:
+    ``text``/``token_ids``/``chat``)."""
     return ipc_pb2.TextRequest(
         request_id=request_id,
         params=params_to_proto(sp),

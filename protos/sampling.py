@@ -1,9 +1,11 @@
 """Per-request sampling parameters: the one in-process type for them (defaults and validation
-live here and nowhere else), and its conversions to and from the internal wire message.
+live here and nowhere else).
 
-A public request (gRPC or HTTP) becomes a ``SamplingParams`` in ``protos.requests``; it crosses
-to the engine as ``ipc_pb2.SamplingParams`` (``params_to_proto``), and the engine rebuilds and
-so re-validates it with ``params_from_proto``; the sampler reads the dataclass.
+A public request becomes a ``SamplingParams`` in ``protos.requests``; it crosses to the engine
+as ``ipc_pb2.SamplingParams`` (``protos.convert.params_to_proto``), and the engine rebuilds and
+so re-validates it with ``protos.convert.params_from_proto``; the sampler reads the dataclass.
+This module does not import the generated code, so the engine's core can use it without
+loading protobuf.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protos.errors import InvalidRequestError
-from protos.pagedserve.internal.v1 import ipc_pb2
 
 # Limits that keep one request from eating the engine; shown to clients by GetModelInfo.
 MAX_N = 16
@@ -91,7 +92,7 @@ class SamplingParams:
         )
         _check(
             _int(self.top_k) and self.top_k >= -1,
-            f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k!r}",
+            f"top_k must be -1, 0 (off) or >= 1, got {self.top_k!r}",
         )
         _check(
             _finite(self.min_p) and 0.0 <= self.min_p <= 1.0,
@@ -176,50 +177,3 @@ def _finite(x: object) -> bool:
 def _int(x: object) -> bool:
     """An integer, and not a bool (True would pass as 1)."""
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def params_to_proto(p: SamplingParams) -> ipc_pb2.SamplingParams:
-    """The engine-side part of SamplingParams (stop strings stay with the worker)."""
-    m = ipc_pb2.SamplingParams(
-        n=p.n,
-        min_tokens=p.min_tokens,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        stop_token_ids=p.stop_token_ids,
-        ignore_eos=p.ignore_eos,
-    )
-    if p.max_tokens is not None:
-        m.max_tokens = p.max_tokens
-    if p.seed is not None:
-        m.seed = p.seed
-    if p.logprobs is not None:
-        m.logprobs = p.logprobs
-    if p.logit_bias:
-        m.logit_bias.update(p.logit_bias)
-    return m
-
-
-def params_from_proto(m: ipc_pb2.SamplingParams) -> SamplingParams:
-    """Rebuild (and so re-validate) the engine's SamplingParams from the wire."""
-    return SamplingParams(
-        n=m.n or 1,
-        max_tokens=m.max_tokens if m.HasField("max_tokens") else None,
-        min_tokens=m.min_tokens,
-        temperature=m.temperature,
-        top_p=m.top_p,
-        top_k=m.top_k,
-        min_p=m.min_p,
-        repetition_penalty=m.repetition_penalty,
-        presence_penalty=m.presence_penalty,
-        frequency_penalty=m.frequency_penalty,
-        logit_bias=dict(m.logit_bias) or None,
-        seed=m.seed if m.HasField("seed") else None,
-        stop_token_ids=list(m.stop_token_ids),
-        ignore_eos=m.ignore_eos,
-        logprobs=m.logprobs if m.HasField("logprobs") else None,
-    )

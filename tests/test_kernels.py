@@ -444,7 +444,7 @@ def test_rms_norm_linear(dtype, rows, residual, bias, gated, gen):
     # up to 6 of one row's 40 outputs (15 %) and 5.5 % of 5 rows differed (0.05 had failed
     # about one run in six).
     if dtype != torch.float32:
-        share = {torch.bfloat16: 0.05, torch.float16: 0.25}[dtype]
+        share = {torch.bfloat16: 0.05, torch.float16: 0.2}[dtype]
         assert (got.cpu() != want).float().mean() < share
 
 

@@ -42,6 +42,26 @@ def test_the_tree_keeps_every_contract():
     assert "Contracts: 2 kept, 0 broken." in res.stdout
 
 
+def test_every_module_is_in_a_layer():
+    """A module outside every layer would not be checked at all: each one must fall in a
+    layer of the contract, except ``engine_svc`` itself (the offline API's re-exports)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in cfg["contracts"] if c["type"] == "layers"]
+    names = [n.strip() for layer in layers for n in layer.replace(":", "|").split("|")]
+    outside = []
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            if module != "engine_svc" and not any(
+                module == n or module.startswith(n + ".") for n in names
+            ):
+                outside.append(module)
+    assert outside == []
+
+
 @pytest.mark.parametrize(
     ("module", "line", "broken"),
     [
@@ -60,6 +80,12 @@ def test_the_tree_keeps_every_contract():
             "engine_svc/core/scheduler.py",
             "from protos.pagedserve.internal.v1 import ipc_pb2",
             "engine_svc.core is not allowed to import protos.pagedserve",
+        ),
+        # ... or loading the generated code through a wire module that builds messages
+        (
+            "engine_svc/sampler.py",
+            "import protos.convert",
+            "engine_svc.sampler is not allowed to import protos.pagedserve",
         ),
     ],
 )

@@ -1,4 +1,4 @@
-// Python bindings of the CPU kernels (see engine_svc/cpu_ops.py). Every op releases the GIL
+// Python bindings of the CPU kernels (see engine_svc/runner/cpu_ops.py). Every op releases the GIL
 // while it runs: the engine's IO thread (heartbeats, health probes, outputs) must keep going
 // during a long call, as it does during torch's own ops.
 torch::Tensor paged_decode(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,

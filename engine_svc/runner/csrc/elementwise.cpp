@@ -1,4 +1,4 @@
-// Fused float32 element-wise ops of the Llama layer, for the CPU (see engine_svc/cpu_ops.py).
+// Fused float32 element-wise ops of the Llama layer, for the CPU (see engine_svc/runner/cpu_ops.py).
 //
 // Each replaces 2-10 torch ops (and their temporaries) by one pass over the rows: fewer ops per
 // decode step (each torch op costs several microseconds however small) and less memory traffic

@@ -1,4 +1,4 @@
-// float32 linear layer over a pre-packed weight, for the CPU (see engine_svc/cpu_ops.py).
+// float32 linear layer over a pre-packed weight, for the CPU (see engine_svc/runner/cpu_ops.py).
 //
 // y[M, N] = x[M, K] @ W[N, K]^T. W is packed once at load time into panels of NR output
 // columns, [ceil(N / NR), K, NR], each panel one contiguous stream. A tile keeps MR rows x NR

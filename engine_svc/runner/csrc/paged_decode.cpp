@@ -1,4 +1,4 @@
-// Fused paged decode attention for the CPU (see engine_svc/cpu_ops.py).
+// Fused paged decode attention for the CPU (see engine_svc/runner/cpu_ops.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
