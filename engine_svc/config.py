@@ -18,6 +18,11 @@ DTYPE_ALIASES = {
 }
 
 
+# Weight quantization applied at load: None (the weights in `dtype`) or "int8" (every linear
+# layer's weight as int8 with one float32 scale per output channel, CPU engine only).
+QUANTIZATIONS = (None, "int8")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str | None = None  # HF-format directory or .gguf file; None = the default model
@@ -37,6 +42,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV + activations
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
+    quantization: str | None = None  # "int8": weight-only int8 linear layers (CPU)
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -64,6 +70,12 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidRequestError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        if self.quantization not in QUANTIZATIONS:
+            raise InvalidRequestError(
+                f"quantization must be none or int8, got {self.quantization!r}"
             )
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise InvalidRequestError(

@@ -101,6 +101,11 @@ class LLMEngine:
         max_len = config.max_model_len or mc.max_position_embeddings
         cuda_runner = None
         if self.device.type == "cuda":
+            if config.quantization is not None:
+                raise InvalidRequestError(
+                    f"--quantization {config.quantization} runs on the CPU engine only; "
+                    "the CUDA engine serves the weights in --dtype"
+                )
             cuda_runner = _make_cuda_runner(model, mc, self.dtype, config, self.device)
             if config.kv_cache_memory is not None and config.num_kv_blocks is None:
                 log.warning(
@@ -139,7 +144,9 @@ class LLMEngine:
             cuda_runner.init_kv_cache(num_blocks, max_len)
             self.runner = cuda_runner
         else:
-            self.runner = ModelRunner(model, mc, self.dtype, num_blocks, config.block_size, max_len)
+            self.runner = ModelRunner(
+                model, mc, self.dtype, num_blocks, config.block_size, max_len, config.quantization
+            )
         self.sampler = Sampler()
         self._seq = itertools.count()
         self.last_step = StepStats()

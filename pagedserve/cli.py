@@ -40,6 +40,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "(AMX/AVX512-BF16), else float32",
     )
     g.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=["none", "int8"],
+        help="int8 = weight-only int8 linear layers (one scale per output channel), a quarter "
+        "of float32's bytes to read per decode step; CPU engine only (default: none, the "
+        "weights in --dtype)",
+    )
+    g.add_argument(
         "--load-format",
         default="auto",
         choices=["auto", "dummy"],
@@ -112,6 +121,7 @@ def _engine_argv(a: argparse.Namespace) -> list[str]:
         ("--max-model-len", a.max_model_len),
         ("--num-threads", a.num_threads),
         ("--served-model-name", getattr(a, "served_model_name", None)),
+        ("--quantization", a.quantization),
     ):
         if value is not None:
             argv += [flag, str(value)]
@@ -144,6 +154,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         device=a.device,
         gpu_memory_utilization=a.gpu_memory_utilization,
         enforce_eager=a.enforce_eager,
+        quantization=a.quantization,
     )
 
 
@@ -176,9 +187,9 @@ def cmd_build_kernels(a: argparse.Namespace) -> int:
         )
         return 1
     what = "already built" if built else f"built in {time.perf_counter() - t0:.0f} s"
-    packed = "yes" if module.packed_linear_supported() else "no (needs AVX-512)"
+    packed = "yes" if module.packed_linear_supported() else "no (needs AVX-512 or AVX2 with FMA)"
     print(f"C++ CPU kernels {what}: {cpu_ops.build_path()}")
-    print(f"packed float32 linear layers: {packed}")
+    print(f"packed linear layers (float32 and int8 weights): {packed}")
     return 0
 
 
@@ -231,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         help="build the C++ CPU kernels now (scripts/setup.sh does it at install)",
         description="Compile the CPU engine's C++ kernels (decode attention, fused element-wise "
-        "ops, packed float32 linear layers on AVX-512) for this CPU, torch and source version "
+        "ops, packed float32/int8 linear layers on AVX-512 or AVX2) for this CPU, torch and source version "
         "into torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), "
         "so that the engine loads them at start instead of compiling them then. A build that is "
         "already there is only loaded. Needs a C++ compiler and ninja; exits 1 when they are "

@@ -27,6 +27,8 @@ from engine_svc.engine import LLMEngine
 from engine_svc.models.config import ModelConfig
 from engine_svc.runner import cpu_ops
 from kernels import reference
+from protos.errors import InvalidRequestError
+from protos.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(
     cpu_ops.load() is None, reason="the C++ CPU kernel could not be built here"
@@ -154,7 +156,7 @@ def test_bad_tables_are_refused_not_read():
 # -- packed linear -------------------------------------------------------------------------------
 
 needs_packed = pytest.mark.skipif(
-    not cpu_ops.packed_linear_supported(), reason="packed_linear needs AVX-512"
+    not cpu_ops.packed_linear_supported(), reason="packed_linear needs AVX-512 or AVX2 + FMA"
 )
 
 
@@ -171,7 +173,7 @@ def test_packed_linear_matches_float64(n, k, bias):
     # Row counts around the 12-row tile and the 192-row chunk.
     for m in (0, 1, 5, 12, 13, 25, 192, 193, 400):
         x = torch.randn(m, k, generator=gen)
-        got = cpu_ops.packed_linear(x, packed, n, b)
+        got = cpu_ops.packed_linear(x, packed, n, None if b is None else cpu_ops.pad_panels(b))
         want = x.double() @ w.double().T + (0 if b is None else b.double())
         assert got.shape == (m, n)
         torch.testing.assert_close(
@@ -220,6 +222,94 @@ def test_packed_linear_refuses_bad_input():
         cpu_ops.packed_linear(x, packed, 40, torch.randn(39))
 
 
+def _dequantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, scale = cpu_ops.quantize_int8(w)
+    return q, scale, q.double() * scale.double()[:, None]
+
+
+def test_quantize_int8_rounds_each_row_to_its_own_scale():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    w = torch.randn(50, 70, generator=gen) * torch.logspace(-3, 1, 50)[:, None]
+    w[7] = 0  # an all-zero row
+    q, scale, deq = _dequantized(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (50,)
+    assert q.abs().max() <= 127
+    assert scale[7] == 1 and not q[7].any()
+    rows = [i for i in range(50) if i != 7]
+    assert (q[rows].abs().amax(dim=1) == 127).all()  # each row's largest maps to +-127
+    err = (deq - w.double()).abs()
+    assert (err <= scale.double()[:, None] / 2 + 1e-12).all()  # round to nearest
+
+
+@needs_packed
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 577])
+@pytest.mark.parametrize("n", [1, 16, 17, 33, 100])
+def test_packed_linear_int8_matches_float64_of_dequantized(n, k, bias):
+    """int8 weights are widened exactly in registers: the result is the float32 sum over the
+    dequantized weight, so it matches float64 to float32 rounding, not to int8 rounding."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    q, scale, deq = _dequantized(torch.randn(n, k, generator=gen))
+    b = torch.randn(n, generator=gen) if bias else None
+    packed = cpu_ops.pack_weight(q)
+    assert packed.dtype == torch.int8
+    for m in (0, 1, 5, 6, 7, 13, 193, 400):
+        x = torch.randn(m, k, generator=gen)
+        got = cpu_ops.packed_linear(
+            x,
+            packed,
+            n,
+            None if b is None else cpu_ops.pad_panels(b),
+            cpu_ops.pad_panels(scale),
+        )
+        want = x.double() @ deq.T + (0 if b is None else b.double())
+        assert got.shape == (m, n)
+        torch.testing.assert_close(
+            got.double(), want, rtol=1e-5, atol=1e-5 * k**0.5, msg=f"seed={seed} m={m}"
+        )
+
+
+@needs_packed
+def test_packed_linear_int8_is_batch_invariant():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    q, scale, _ = _dequantized(torch.randn(100, 300, generator=gen))
+    packed, s = cpu_ops.pack_weight(q), cpu_ops.pad_panels(scale)
+    x = torch.randn(230, 300, generator=gen)
+    full = cpu_ops.packed_linear(x, packed, 100, None, s)
+    for i in (0, 5, 6, 191, 192, 229):
+        assert torch.equal(cpu_ops.packed_linear(x[i : i + 1], packed, 100, None, s)[0], full[i])
+
+
+@needs_packed
+def test_packed_linear_int8_refuses_bad_scales():
+    q, scale = cpu_ops.quantize_int8(torch.randn(40, 8))
+    packed, x = cpu_ops.pack_weight(q), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="scales"):
+        cpu_ops.packed_linear(x, packed, 40)  # int8 without scales
+    with pytest.raises(RuntimeError, match="scales"):
+        cpu_ops.packed_linear(x, cpu_ops.pack_weight(torch.randn(40, 8)), 40, None, scale)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        cpu_ops.packed_linear(x, packed, 40, None, scale)  # not padded to whole panels
+    with pytest.raises(RuntimeError, match="float32 or int8"):
+        cpu_ops.packed_linear(x, cpu_ops.pack_weight(torch.randn(40, 8)).double(), 40)
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_packed_linear_module_keeps_the_input_dtype(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40).to(dtype)
+    _, _, deq = _dequantized(lin.weight.float())
+    x = torch.randn(2, 3, 64).to(dtype)
+    want = x.double() @ deq.T + lin.bias.double()
+    mod = cpu_ops.PackedLinear(lin, int8=True)
+    got = mod(x)
+    assert got.dtype == dtype and got.shape == (2, 3, 40)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 @needs_packed
 def test_pack_linears_swaps_float32_layers_only():
     torch.manual_seed(0)
@@ -263,6 +353,47 @@ def test_float32_engine_packs_every_linear():
     assert eng.runner.packed_linears == 4 * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
     eng = LLMEngine(EngineConfig(dtype="bfloat16", **cfg), mc)
     assert eng.runner.packed_linears == 0
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_engine_packs_every_linear_and_stays_close(dtype):
+    """--quantization int8: every linear layer int8, any dtype; the first step's logits stay
+    near the unquantized engine's (per-channel int8 keeps about 0.4 % of each weight row)."""
+    cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False, dtype=dtype)
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    logits = {}
+    for quant in (None, "int8"):
+        eng = LLMEngine(EngineConfig(quantization=quant, **cfg), mc)
+        if quant == "int8":
+            assert eng.runner.packed_linears == 4 * 2 + 1
+            assert all(
+                m.packed.dtype == torch.int8
+                for m in eng.runner.model.modules()
+                if isinstance(m, cpu_ops.PackedLinear)
+            )
+        eng.add_request("r", list(range(1, 20)), SamplingParams(max_tokens=1))
+        sched = eng.scheduler.schedule()
+        logits[quant] = eng.runner.execute(sched).sample_logits
+    ref, got = logits[None], logits["int8"]
+    rel = (got - ref).norm() / ref.norm()
+    assert 0 < rel < 0.05, rel
+
+
+def test_int8_quantization_is_refused_for_unknown_names():
+    with pytest.raises(InvalidRequestError, match="quantization must be none or int8"):
+        EngineConfig(quantization="int4")
+    assert EngineConfig(quantization="none").quantization is None
 
 
 # -- fused element-wise ops ----------------------------------------------------------------------

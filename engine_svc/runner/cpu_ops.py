@@ -7,9 +7,10 @@
   per (sequence, KV head), the scores of the head's query group, a float32 online softmax and
   the weighted sum of V, reading each block once. Same math as
   ``kernels.reference.paged_attention`` for one query token per sequence (tested against it).
-- ``packed_linear`` (csrc/packed_linear.cpp, AVX-512 only): float32 linear layers over weights
-  packed once into column panels (``pack_weight``); 1.2-2x faster than BLAS at decode batch
-  sizes, level with it at prefill sizes, and batch-invariant. ``PackedLinear`` is the module.
+- ``packed_linear`` (csrc/packed_linear.cpp, AVX-512 or AVX2 + FMA): linear layers over
+  weights packed once into column panels (``pack_weight``), float32, or int8 with one scale per
+  output column (``quantize_int8``, weight-only quantization); batch-invariant. ``PackedLinear``
+  is the module.
 - ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
   layer's element-wise ops fused, float32 (the model runs on them through
   ``engine_svc.runner.cpu_model_ops.FusedCpuOps``).
@@ -19,8 +20,8 @@ build-kernels``, which calls ``load()``) into torch's extension cache, and loade
 every engine start; an engine that finds no build for this CPU, torch and source version
 builds it first, and says so. All optional: when the build fails (no compiler, no ninja) or
 ``PAGEDSERVE_CPU_KERNEL=0`` is set, ``load()`` returns None (``load_error()`` says why) and the
-engine keeps the plain-torch path; without AVX-512 ``packed_linear_supported()`` is false and
-torch's linear layers stay.
+engine keeps the plain-torch path; without AVX-512 or AVX2 + FMA ``packed_linear_supported()`` is
+false and torch's linear layers stay.
 """
 
 from __future__ import annotations
@@ -170,54 +171,92 @@ def packed_linear_supported() -> bool:
     return m is not None and m.packed_linear_supported()
 
 
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` [n, ...] zero-padded to ``rows`` rows, float32 (int8 stays int8), contiguous."""
+    out = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    out[: t.shape[0]] = t
+    return out
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] (nn.Linear layout) -> [ceil(N / NR), K, NR] column panels, zero-padded."""
+    """[N, K] (nn.Linear layout) -> [ceil(N / NR), K, NR] column panels, zero-padded; float32,
+    or int8 as it comes (``quantize_int8``'s output)."""
     nr = load().packed_linear_panel_width()
     n, k = weight.shape
+    w = weight.detach()
+    w = w if w.dtype == torch.int8 else w.float()
     panels = -(-n // nr)
-    padded = torch.zeros(panels * nr, k, dtype=torch.float32)
-    padded[:n] = weight.detach().float()
-    return padded.view(panels, nr, k).transpose(1, 2).contiguous()
+    return _pad_rows(w, panels * nr).view(panels, nr, k).transpose(1, 2).contiguous()
+
+
+def pad_panels(v: torch.Tensor) -> torch.Tensor:
+    """A per-output-column vector [N] (bias, scale) as the kernel reads it: float32, padded to
+    whole panels."""
+    nr = load().packed_linear_panel_width()
+    return _pad_rows(v.detach().float(), -(-v.shape[0] // nr) * nr)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [N, K] int8, scale [N] float32) with
+    ``weight ~= q * scale[:, None]``; the row's largest magnitude maps to 127 (an all-zero row
+    gets scale 1)."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def packed_linear(
     x: torch.Tensor,  # [M, K] float32, contiguous
-    packed: torch.Tensor,  # pack_weight(W)
+    packed: torch.Tensor,  # pack_weight(W), float32 or int8
     out_features: int,
-    bias: torch.Tensor | None = None,  # [N] float32
-) -> torch.Tensor:  # [M, N] = x @ W^T + bias
-    return _module.packed_linear(x, packed, out_features, bias)
+    bias: torch.Tensor | None = None,  # pad_panels(b)
+    scale: torch.Tensor | None = None,  # pad_panels(s), for an int8 weight only
+) -> torch.Tensor:  # [M, N] = x @ (W * s)^T + b
+    return _module.packed_linear(x, packed, out_features, bias, scale)
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for a float32 ``nn.Linear`` on the CPU: the weight lives only in packed form."""
+    """Drop-in for an ``nn.Linear`` on the CPU: the weight lives only in packed form, float32
+    or (``int8=True``) int8 with per-output-channel scales. Any input dtype: the kernel runs in
+    float32 and the output comes back in the input's dtype."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, int8: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", pack_weight(linear.weight), persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        scale = None
+        if int8:
+            q, s = quantize_int8(linear.weight)
+            self.register_buffer("packed", pack_weight(q), persistent=False)
+            scale = pad_panels(s)
+        else:
+            self.register_buffer("packed", pack_weight(linear.weight), persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        bias = None if linear.bias is None else pad_panels(linear.bias)
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
         y = packed_linear(
-            x.reshape(-1, self.in_features).contiguous(), self.packed, self.out_features, self.bias
+            rows.float().contiguous(), self.packed, self.out_features, self.bias, self.scale
         )
-        return y.view(*lead, self.out_features)
+        return y.to(x.dtype).view(*lead, self.out_features)
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns how many.
-    The original weights are dropped (unless shared, e.g. an lm_head tied to the embedding)."""
+def pack_linears(model: nn.Module, int8: bool = False) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (float32 ones only unless ``int8``) by a
+    ``PackedLinear``; returns how many. The original weights are dropped (unless shared, e.g.
+    an lm_head tied to the embedding)."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.dtype == torch.float32
+        if type(child) is nn.Linear and (int8 or child.weight.dtype == torch.float32)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, PackedLinear(child, int8))
     return len(swaps)
 
 

@@ -4,7 +4,8 @@
 torch::Tensor paged_decode(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                            torch::Tensor, double);
 void use_generic_decode(bool);
-torch::Tensor packed_linear(torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>);
+torch::Tensor packed_linear(torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>,
+                            c10::optional<torch::Tensor>);
 bool packed_linear_supported();
 int64_t packed_linear_panel_width();
 torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double);
