@@ -390,6 +390,119 @@ def test_int8_engine_packs_every_linear_and_stays_close(dtype):
     assert 0 < rel < 0.05, rel
 
 
+class _CountingStack:
+    """The runner's DecodeStack, counting the steps it ran."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.runs = stack, 0
+
+    def run(self, *args):
+        self.runs += 1
+        return self.stack.run(*args)
+
+
+@needs_packed
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("attention_bias", [False, True])  # Llama: qkv and o biases
+def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bias):
+    """Decode-only steps run the C++ DecodeStack: same kernels in the same order as
+    LlamaModel.forward over FusedCpuOps, so every step's logits are equal bit for bit to an
+    engine that runs the Python forward every step (prompts of different lengths, GQA, block
+    boundaries crossed, batches that shrink as requests finish)."""
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 96,
+            "hidden_size": 64,
+            "intermediate_size": 80,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "attention_bias": attention_bias,
+        }
+    )
+    cfg = dict(load_format="dummy", num_kv_blocks=64, block_size=8, progress=False)
+    logits: list[list[torch.Tensor]] = [[], []]
+    stacks = []
+    for i in range(2):
+        eng = LLMEngine(EngineConfig(dtype="float32", quantization=quant, **cfg), mc)
+        assert eng.runner.decode_stack is not None
+        if i == 0:
+            eng.runner.decode_stack = _CountingStack(eng.runner.decode_stack)
+            stacks.append(eng.runner.decode_stack)
+        else:
+            eng.runner.decode_stack = None  # the Python forward every step
+        execute = eng.runner.execute
+
+        def record(sched, execute=execute, out=logits[i]):
+            result = execute(sched)
+            out.append(result.sample_logits)
+            return result
+
+        eng.runner.execute = record
+        for j, (plen, outlen) in enumerate(((5, 20), (17, 9), (30, 14))):
+            prompt = [(7 * j + 3 * t) % 96 for t in range(plen)]
+            eng.add_request(f"r{j}", prompt, SamplingParams(max_tokens=outlen, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+    assert len(logits[0]) == len(logits[1]) >= 20
+    for step, (a, b) in enumerate(zip(*logits)):
+        assert torch.equal(a, b), f"step {step}"
+    assert stacks[0].runs >= 15  # decode-only steps went through the stack
+
+
+@needs_packed
+def test_decode_stack_is_used_only_for_float32_fused_ops():
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False)
+    assert LLMEngine(EngineConfig(dtype="float32", **cfg), mc).runner.decode_stack is not None
+    # bf16 runs plain torch ops (and int8 weights with bf16 activations): the Python forward
+    for quant in (None, "int8"):
+        eng = LLMEngine(EngineConfig(dtype="bfloat16", quantization=quant, **cfg), mc)
+        assert eng.runner.decode_stack is None
+
+
+@needs_packed
+def test_decode_stack_refuses_bad_input():
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    eng = LLMEngine(
+        EngineConfig(dtype="float32", load_format="dummy", num_kv_blocks=4, progress=False), mc
+    )
+    stack, kv = eng.runner.decode_stack, eng.runner.kv_caches
+    x, cs = torch.randn(1, 32), torch.randn(1, 8)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+    slot = torch.zeros(1, dtype=torch.int64)
+    assert stack.run(x.clone(), kv, cs, cs, slot, tables, lens).shape == (1, 32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        stack.run(x.clone(), kv, cs, cs, slot + 4 * 16, tables, lens)
+    with pytest.raises(RuntimeError, match="kv_caches"):
+        stack.run(x.clone(), kv.double(), cs, cs, slot, tables, lens)
+    with pytest.raises(RuntimeError, match="float32"):
+        stack.run(x.double(), kv, cs, cs, slot, tables, lens)
+    with pytest.raises(RuntimeError, match="slot_mapping"):
+        stack.run(x.clone(), kv, cs, cs, torch.zeros(2, dtype=torch.int64), tables, lens)
+
+
 def test_int8_quantization_is_refused_for_unknown_names():
     with pytest.raises(InvalidRequestError, match="quantization must be none or int8"):
         EngineConfig(quantization="int4")

@@ -13,7 +13,7 @@ from engine_svc.models.config import ModelConfig
 from engine_svc.models.llama import LlamaModel
 from engine_svc.runner import cpu_ops
 from engine_svc.runner.attention import build_metadata
-from engine_svc.runner.cpu_model_ops import cpu_model_ops
+from engine_svc.runner.cpu_model_ops import FusedCpuOps, cpu_model_ops
 from protos.errors import InvalidRequestError
 
 
@@ -56,6 +56,11 @@ class ModelRunner:
             self.packed_linears = cpu_ops.pack_linears(model)
         # float32: the element-wise ops fused in C++ (FusedCpuOps); plain torch otherwise.
         self.ops = cpu_model_ops(cfg, dtype, max_model_len)
+        # Those ops with every linear layer packed: decode-only steps run the decoder layers
+        # in one C++ call (cpu_ops.DecodeStack, the same ops without the Python in between).
+        self.decode_stack = None
+        if self.fused_decode and isinstance(self.ops, FusedCpuOps):
+            self.decode_stack = cpu_ops.decode_stack(model)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
         # (heads outer: see engine_svc.runner.attention.attend).
         self.kv_caches = torch.zeros(
@@ -82,7 +87,20 @@ class ModelRunner:
             tables.append(s.block_table)
         meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.fused_decode)
         step = self.ops.step(torch.tensor(positions, dtype=torch.int64), meta)
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64), self.kv_caches, self.ops, step)
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        f = meta.fused_decodes
+        if self.decode_stack is not None and f is not None and f.num == len(ids):
+            hidden = self.decode_stack.run(
+                self.model.embed_tokens(input_ids),
+                self.kv_caches,
+                step.cos,
+                step.sin,
+                meta.slot_mapping,
+                f.block_tables,
+                f.seq_lens,
+            )
+        else:
+            hidden = self.model(input_ids, self.kv_caches, self.ops, step)
 
         return select_logits(self.model, seqs, hidden)
 

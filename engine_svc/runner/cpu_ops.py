@@ -14,6 +14,9 @@
 - ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
   layer's element-wise ops fused, float32 (the model runs on them through
   ``engine_svc.runner.cpu_model_ops.FusedCpuOps``).
+- ``DecodeStack`` (csrc/decode_stack.cpp): every decoder layer of a decode-only step in one
+  call, the ops above in the order ``LlamaModel.forward`` runs them, without the Python in
+  between (bit-identical hidden states; ``decode_stack()`` builds it from a packed model).
 
 They are built at install (``scripts/setup.sh`` and the Docker image run ``pagedserve
 build-kernels``, which calls ``load()``) into torch's extension cache, and loaded from there at
@@ -40,7 +43,13 @@ from torch import nn
 log = logging.getLogger("pagedserve.engine")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_decode.cpp", "packed_linear.cpp", "elementwise.cpp", "bindings.cpp")
+SOURCES = (
+    "paged_decode.cpp",
+    "packed_linear.cpp",
+    "elementwise.cpp",
+    "decode_stack.cpp",
+    "bindings.cpp",
+)
 # -fopenmp: at::parallel_for is serial without it. It links libgomp.so.1, which resolves to the
 # copy torch has already loaded (one thread pool). -march=native: the build is tied to this CPU,
 # so the CPU's flags are part of the build name (a cache copied to another CPU rebuilds).
@@ -287,3 +296,50 @@ def rotary_(
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[rows, 2 * inter] -> silu(gate) * up, [rows, inter]."""
     return _module.silu_mul(gate_up)
+
+
+def decode_stack(model: nn.Module):
+    """A ``DecodeStack`` over ``model``'s decoder layers, or None where the model does not run
+    on the fused float32 ops with every linear layer packed (then the Python forward runs
+    every step). ``model`` is an ``engine_svc.models.llama.LlamaModel`` after
+    ``pack_linears``; the stack shares its tensors (no copy)."""
+    m = load()
+    layers = list(getattr(model, "layers", []))
+    if m is None or not layers:
+        return None
+    cfg = model.cfg
+    packed, scales, biases, outs = [], [], [], []
+    none = torch.empty(0)
+    for layer in layers:
+        for lin in (
+            layer.self_attn.qkv_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_up_proj,
+            layer.mlp.down_proj,
+        ):
+            if not isinstance(lin, PackedLinear):
+                return None
+            packed.append(lin.packed)
+            scales.append(none if lin.scale is None else lin.scale)
+            biases.append(none if lin.bias is None else lin.bias)
+            outs.append(lin.out_features)
+    norms = [layer.input_layernorm.weight for layer in layers]
+    norms += [layer.post_attention_layernorm.weight for layer in layers]
+    norms.append(model.norm.weight)
+    if any(w.dtype != torch.float32 for w in norms):
+        return None
+    n = len(layers)
+    return m.DecodeStack(
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_size,
+        cfg.rms_norm_eps,
+        layers[0].self_attn.scale,
+        [w.detach() for w in norms[:n]],
+        [w.detach() for w in norms[n : 2 * n]],
+        norms[-1].detach(),
+        packed,
+        scales,
+        biases,
+        outs,
+    )

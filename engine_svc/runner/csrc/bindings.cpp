@@ -12,6 +12,7 @@ torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double);
 torch::Tensor add_rms_norm_(torch::Tensor, torch::Tensor, torch::Tensor, double);
 void rotary_(torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t);
 torch::Tensor silu_mul(torch::Tensor);
+void bind_decode_stack(pybind11::module&);  // decode_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function_no_gil(paged_decode));
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", torch::wrap_pybind_function_no_gil(add_rms_norm_));
   m.def("rotary_", torch::wrap_pybind_function_no_gil(rotary_));
   m.def("silu_mul", torch::wrap_pybind_function_no_gil(silu_mul));
+  bind_decode_stack(m);
 }
