@@ -151,6 +151,10 @@ def peer_options(
     python = peer.python(d)
     if not python.exists():
         return {}, f"{python} not found; install with `{setup} {peer.name}`"
+    if peer.name == "pagedserve":
+        if dtype in QUANTS:  # weights quantized, activations in the first unquantized dtype
+            return {"quantization": dtype, "dtype": args.dtypes[0]}, None
+        return {}, None
     if peer.name == "vllm":
         return {"enforce_eager": args.vllm_eager}, None
     if peer.name == "openvino":
@@ -284,10 +288,24 @@ def make_job(args: argparse.Namespace, model: Path, dtype: str, wls: list[TimedW
     }
 
 
+QUANTS = ("q4_1", "int8")  # weight quantizations: compared with pagedserve's own int8 run
+
+
 def precisions(peer: PeerSpec, args: argparse.Namespace) -> list[str]:
     out = list(args.dtypes)
     if peer.name == "llamacpp":
         out += [q for q in args.llamacpp_quants if q not in out]
+    if peer.name == "pagedserve":
+        out += [q for q in args.pagedserve_quants if q not in out]
+    return out
+
+
+def all_precisions(args: argparse.Namespace) -> list[str]:
+    """Every precision some system runs, unquantized first."""
+    out = list(args.dtypes)
+    for q in args.pagedserve_quants + args.llamacpp_quants:
+        if q not in out:
+            out.append(q)
     return out
 
 
@@ -332,10 +350,11 @@ def _precision(run: PeerRun) -> str:
 
 def _reference(runs: list[PeerRun], run: PeerRun) -> PeerRun | None:
     """pagedserve's run that ratios compare with: at the precision this run was asked for, or
-    (a quantized peer) pagedserve's first precision."""
+    (a quantized peer) pagedserve's quantized run where there is one, else its first."""
     mine = [r for r in runs if r.peer.name == "pagedserve" and r.result]
     same = [r for r in mine if r.dtype == run.dtype]
-    return (same or mine or [None])[0]
+    quantized = [r for r in mine if r.dtype in QUANTS] if run.dtype in QUANTS else []
+    return (same or quantized or mine or [None])[0]
 
 
 def _ratio(runs: list[PeerRun], run: PeerRun, name: str) -> str:
@@ -530,6 +549,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated quantized GGUFs llama.cpp runs in addition to --dtypes ('' for none)",
     )
     ap.add_argument(
+        "--pagedserve-quants",
+        default="int8",
+        help="comma-separated weight quantizations pagedserve runs in addition to --dtypes "
+        "(int8: --quantization int8 with activations in the first --dtypes; '' for none)",
+    )
+    ap.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
         help="comma-separated: mixed-24 / mixed-64 (prompts 16-512, outputs 16-256, 24 or 64 "
@@ -590,15 +615,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.peers = _csv(args.peers)
     args.dtypes = _csv(args.dtypes)
     args.llamacpp_quants = _csv(args.llamacpp_quants)
+    args.pagedserve_quants = _csv(args.pagedserve_quants)
     args.workloads = _csv(args.workloads)
     for flag, values, allowed in (
         ("--peers", args.peers, PEERS),
         ("--dtypes", args.dtypes, ("float32", "bfloat16")),
         ("--llamacpp-quants", args.llamacpp_quants, ("q4_1",)),
+        ("--pagedserve-quants", args.pagedserve_quants, ("int8",)),
         ("--workloads", args.workloads, WORKLOADS),
     ):
         bad = [v for v in values if v not in allowed]
-        if bad or (not values and flag != "--llamacpp-quants"):
+        if bad or (not values and not flag.endswith("-quants")):
             ap.error(f"{flag}: unknown {bad}; choose from {', '.join(allowed)}")
     for name in ("repeats", "threads", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) < 1:
@@ -638,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[PeerRun] = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
-        for dtype in args.dtypes + [q for q in args.llamacpp_quants if q not in args.dtypes]:
+        for dtype in all_precisions(args):
             for name in args.peers:
                 peer = PEERS[name]
                 if dtype not in precisions(peer, args):

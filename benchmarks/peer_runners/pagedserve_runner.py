@@ -1,6 +1,6 @@
 """pagedserve's offline engine (``engine_svc.LLM``) as a peer runner, run with the repo's venv.
 
-Options: none. Prefix caching is off (repeated runs of one workload would hit it; the peers run
+Options: ``quantization`` (int8, with ``dtype`` the activations' precision) or none. Prefix caching is off (repeated runs of one workload would hit it; the peers run
 with theirs off too). See runner_common.py for the job and result formats.
 """
 
@@ -18,9 +18,11 @@ class Pagedserve:
         import engine_svc
         from engine_svc import LLM
 
+        quant = job.options.get("quantization")
         self.llm = LLM(
             model=job.model,
-            dtype=job.dtype,
+            dtype=job.options.get("dtype", job.dtype),
+            quantization=quant,
             num_threads=job.threads,
             kv_cache_memory=int(job.kv_cache_gib * 1024**3),
             max_num_seqs=job.max_num_seqs,
@@ -32,6 +34,8 @@ class Pagedserve:
         engine = self.llm.engine
         self.version = f"pagedserve ({_git_describe()}), torch {torch.__version__}"
         self.precision = str(engine.dtype).removeprefix("torch.")
+        if quant:
+            self.precision = f"{quant} weights, {self.precision} activations"
         self.details = (
             f"{torch.get_num_threads()} torch threads, KV {job.kv_cache_gib:g} GiB "
             f"({engine.block_manager.num_blocks} blocks of {engine.block_manager.block_size}), "
