@@ -86,9 +86,14 @@ inline void tile(const float* __restrict x, int64_t K, const T* __restrict panel
     const auto w1 = Isa::load(panel + k * NR + W);
     // Past the panel's end this touches the next panel, the next one streamed; prefetches
     // never fault.
-    _mm_prefetch(stream + k * NR * sizeof(T) + PF_BYTES, _MM_HINT_T0);
-    if constexpr (NR * sizeof(T) > 64)
-      _mm_prefetch(stream + k * NR * sizeof(T) + PF_BYTES + 64, _MM_HINT_T0);
+    // One prefetch per cache line of the stream.
+    if constexpr (NR * sizeof(T) >= 64) {
+      _mm_prefetch(stream + k * NR * sizeof(T) + PF_BYTES, _MM_HINT_T0);
+      if constexpr (NR * sizeof(T) > 64)
+        _mm_prefetch(stream + k * NR * sizeof(T) + PF_BYTES + 64, _MM_HINT_T0);
+    } else if ((k * NR * sizeof(T)) % 64 == 0) {
+      _mm_prefetch(stream + k * NR * sizeof(T) + PF_BYTES, _MM_HINT_T0);
+    }
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const auto xi = Isa::set1(x[i * K + k]);
