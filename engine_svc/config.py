@@ -18,6 +18,11 @@ DTYPE_ALIASES = {
 }
 
 
+# KV cache precision: "auto" = the model dtype; narrower caches hold more tokens per byte and
+# read less per decode step. int8 has one float32 scale per token and KV head.
+KV_CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+KV_CACHE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
 # Weight quantization applied at load: None (the weights in `dtype`) or "int8" (every linear
 # layer's weight as int8 with one float32 scale per output channel, CPU engine only).
 QUANTIZATIONS = (None, "int8")
@@ -43,6 +48,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + KV + activations
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs
     quantization: str | None = None  # "int8": weight-only int8 linear layers (CPU)
+    kv_cache_dtype: str = "auto"  # auto (the model dtype), bfloat16, float16, int8 (CPU)
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -77,6 +83,17 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"quantization must be none or int8, got {self.quantization!r}"
             )
+        self.kv_cache_dtype = KV_CACHE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.kv_cache_dtype == "fp8" or self.kv_cache_dtype.startswith("fp8_"):
+            raise InvalidRequestError(
+                f"kv_cache_dtype {self.kv_cache_dtype} is not supported yet (planned for the "
+                "CUDA engine); choose auto, bfloat16, float16 or int8"
+            )
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(
+                "kv_cache_dtype must be auto, bfloat16, float16 or int8, got "
+                f"{self.kv_cache_dtype!r}"
+            )
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise InvalidRequestError(
                 f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}"
@@ -101,6 +118,10 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequestError(f"device {name!r} asked for, but torch sees no CUDA GPU")
     return torch.device(name)
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    return model_dtype if name == "auto" else KV_CACHE_DTYPES[name]
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from engine_svc.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig, resolve_device, resolve_dtype
+from engine_svc.config import (
+    DEFAULT_KV_CACHE_MEMORY,
+    EngineConfig,
+    resolve_device,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+)
 from engine_svc.core.block_manager import BlockManager
 from engine_svc.core.request import FinishReason, Request
 from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -106,6 +112,11 @@ class LLMEngine:
                     f"--quantization {config.quantization} runs on the CPU engine only; "
                     "the CUDA engine serves the weights in --dtype"
                 )
+            if config.kv_cache_dtype != "auto":
+                raise InvalidRequestError(
+                    f"--kv-cache-dtype {config.kv_cache_dtype} runs on the CPU engine only so "
+                    "far; the CUDA engine keeps the KV cache in --dtype"
+                )
             cuda_runner = _make_cuda_runner(model, mc, self.dtype, config, self.device)
             if config.kv_cache_memory is not None and config.num_kv_blocks is None:
                 log.warning(
@@ -118,7 +129,8 @@ class LLMEngine:
             num_blocks = cuda_runner.profile_num_blocks()
         else:
             budget = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-            num_blocks = budget // (mc.kv_bytes_per_token(self.dtype) * config.block_size)
+            kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+            num_blocks = budget // (mc.kv_bytes_per_token(kv_dtype) * config.block_size)
         capacity = num_blocks * config.block_size
         if capacity < max_len:
             log.warning(
@@ -145,7 +157,14 @@ class LLMEngine:
             self.runner = cuda_runner
         else:
             self.runner = ModelRunner(
-                model, mc, self.dtype, num_blocks, config.block_size, max_len, config.quantization
+                model,
+                mc,
+                self.dtype,
+                num_blocks,
+                config.block_size,
+                max_len,
+                config.quantization,
+                resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype),
             )
         self.sampler = Sampler()
         self._seq = itertools.count()

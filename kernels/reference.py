@@ -35,6 +35,17 @@ def reshape_and_cache(
     value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
 
 
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., head_size] -> (int8 values, float32 scales [...]): symmetric per token and head,
+    scale = max |x| / 127 over the head (1 for an all-zero head), q = round(x / scale). The
+    KV cache's int8 format (``--kv-cache-dtype int8``); ``x ~= q * scale[..., None]``."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]

@@ -49,6 +49,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "weights in --dtype)",
     )
     g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "int8"],
+        help="precision of the KV cache; auto = the model's --dtype. Narrower caches hold more "
+        "tokens in --kv-cache-memory and read less per decode step; int8 keeps one float32 "
+        "scale per token and KV head. CPU engine only",
+    )
+    g.add_argument(
         "--load-format",
         default="auto",
         choices=["auto", "dummy"],
@@ -113,6 +121,7 @@ def _engine_argv(a: argparse.Namespace) -> list[str]:
     argv += ["--max-num-seqs", str(a.max_num_seqs), "--seed", str(a.seed)]
     argv += ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     argv += ["--device", a.device, "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
+    argv += ["--kv-cache-dtype", a.kv_cache_dtype]
     if a.enforce_eager:
         argv.append("--enforce-eager")
     for flag, value in (
@@ -155,6 +164,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         gpu_memory_utilization=a.gpu_memory_utilization,
         enforce_eager=a.enforce_eager,
         quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
     )
 
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_svc.runner.attention import attend, build_metadata, write_kv
-from kernels.reference import paged_attention, reshape_and_cache, rms_norm, rotary_embedding
+from engine_svc.runner import cpu_ops
+from engine_svc.runner.attention import LayerKV, attend, build_metadata, write_kv
+from kernels.reference import (
+    paged_attention,
+    quantize_kv_int8,
+    reshape_and_cache,
+    rms_norm,
+    rotary_embedding,
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -26,8 +33,28 @@ def _random_batch(query_lens, seq_lens, num_blocks, block_size, gen, large_ids=F
     return tables
 
 
+def _narrow(cache: torch.Tensor, kv_dtype: torch.dtype | None):
+    """(cache as stored, its scales or None, the values attention must see in float32)."""
+    if kv_dtype is None:
+        return cache, None, cache.float()
+    if kv_dtype == torch.int8:
+        q, s = quantize_kv_int8(cache)
+        return q, s, q.float() * s[..., None]
+    narrow = cache.to(kv_dtype)
+    return narrow, None, narrow.float()
+
+
 def _run(
-    query_lens, seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, large_ids=False
+    query_lens,
+    seq_lens,
+    num_heads,
+    num_kv_heads,
+    head_size,
+    block_size,
+    dtype,
+    large_ids=False,
+    kv_dtype=None,
+    fused=False,
 ):
     gen = torch.Generator().manual_seed(hash((tuple(query_lens), num_heads, head_size)) % 2**31)
     num_blocks = 4096 if large_ids else 512
@@ -35,8 +62,11 @@ def _run(
     # Reference layout [num_blocks, block_size, kv_heads, head]; ours is heads-outer.
     k_ref = torch.randn(num_blocks, block_size, num_kv_heads, head_size, generator=gen).to(dtype)
     v_ref = torch.randn(num_blocks, block_size, num_kv_heads, head_size, generator=gen).to(dtype)
-    k_ours = k_ref.permute(2, 0, 1, 3).contiguous()
-    v_ours = v_ref.permute(2, 0, 1, 3).contiguous()
+    k_ours, k_s, k_seen = _narrow(k_ref.permute(2, 0, 1, 3).contiguous(), kv_dtype)
+    v_ours, v_s, v_seen = _narrow(v_ref.permute(2, 0, 1, 3).contiguous(), kv_dtype)
+    # The reference attends over exactly what a narrower cache holds, in the query's dtype.
+    k_ref = k_seen.permute(1, 2, 0, 3).to(dtype)
+    v_ref = v_seen.permute(1, 2, 0, 3).to(dtype)
     q = torch.randn(sum(query_lens), num_heads, head_size, generator=gen).to(dtype)
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
@@ -46,8 +76,8 @@ def _run(
     paged_attention(
         q, k_ref, v_ref, bt, torch.tensor(seq_lens, dtype=torch.int32), qsl, scale, out_ref
     )
-    meta = build_metadata(query_lens, seq_lens, tables, block_size)
-    out = attend(q, k_ours, v_ours, meta, scale)
+    meta = build_metadata(query_lens, seq_lens, tables, block_size, fused)
+    out = attend(q, LayerKV(k_ours, v_ours, k_s, v_s), meta, scale)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
@@ -76,7 +106,28 @@ def test_large_block_ids():
     _run([1, 1, 30], [20, 300, 90], 8, 2, 64, 16, torch.float32, large_ids=True)
 
 
-def test_write_kv_matches_reshape_and_cache():
+KV_DTYPES = [torch.bfloat16, torch.float16, torch.int8]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_narrower_kv_cache(kv_dtype, dtype, fused):
+    """--kv-cache-dtype: decodes (gathered groups, or the fused C++ kernel) and prefill chunks
+    over a bf16 / fp16 / int8 cache equal attention over the values the cache holds."""
+    if fused and cpu_ops.load() is None:
+        pytest.skip("the C++ CPU kernels could not be built here")
+    query_lens = [1, 1, 1, 1, 37, 20]
+    seq_lens = [9, 17, 40, 71, 37, 85]
+    _run(query_lens, seq_lens, 9, 3, 64, 16, dtype, kv_dtype=kv_dtype, fused=fused)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_write_kv_matches_reshape_and_cache(kernels, monkeypatch):
+    if kernels and cpu_ops.load() is None:
+        pytest.skip("the C++ CPU kernels could not be built here")
+    if not kernels:
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)  # the torch path
     gen = torch.Generator().manual_seed(0)
     nb, bs, kvh, hd = 32, 16, 2, 8
     key, value = torch.randn(2, 40, kvh, hd, generator=gen)
@@ -84,13 +135,63 @@ def test_write_kv_matches_reshape_and_cache():
     k_ref, v_ref = torch.zeros(nb, bs, kvh, hd), torch.zeros(nb, bs, kvh, hd)
     reshape_and_cache(key, value, k_ref, v_ref, slots)
     k, v = torch.zeros(kvh, nb, bs, hd), torch.zeros(kvh, nb, bs, hd)
-    write_kv(key, value, k, v, slots)
+    write_kv(key, value, LayerKV(k, v), slots)
     assert torch.equal(k, k_ref.permute(2, 0, 1, 3))
     assert torch.equal(v, v_ref.permute(2, 0, 1, 3))
     # padding slots (-1) are skipped by the reference
     before = k_ref.clone()
     reshape_and_cache(key[:3], value[:3], k_ref, v_ref, torch.tensor([-1, -1, -1]))
     assert torch.equal(before, k_ref)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_write_kv_to_a_narrower_cache(kv_dtype, src_dtype, kernels, monkeypatch):
+    """bf16 / fp16: converted; int8: quantized per token and head as quantize_kv_int8 does (the
+    C++ op may round a value exactly halfway between two steps the other way: +-1 at most),
+    scales in their own tensor; untouched slots stay as they were. Keys that are views into a
+    qkv row (the runner's case) are read in place."""
+    if kernels and cpu_ops.load() is None:
+        pytest.skip("the C++ CPU kernels could not be built here")
+    if not kernels:
+        monkeypatch.setattr(cpu_ops, "load", lambda: None)
+    gen = torch.Generator().manual_seed(1)
+    nb, bs, kvh, hd, n = 16, 8, 3, 64, 21
+    qkv = (torch.randn(n, (6 + 2 * kvh) * hd, generator=gen) * 3).to(src_dtype)
+    qkv[4, 6 * hd : 7 * hd] = 0  # an all-zero key head
+    key = qkv[:, 6 * hd : (6 + kvh) * hd].view(n, kvh, hd)
+    value = qkv[:, (6 + kvh) * hd :].view(n, kvh, hd)
+    slots = torch.randperm(nb * bs, generator=gen)[:n]
+    k = torch.full((kvh, nb, bs, hd), 7, dtype=kv_dtype)
+    v = torch.full((kvh, nb, bs, hd), 7, dtype=kv_dtype)
+    scaled = kv_dtype == torch.int8
+    ks, vs = (
+        (torch.full((kvh, nb, bs), 5.0), torch.full((kvh, nb, bs), 5.0)) if scaled else (None, None)
+    )
+    write_kv(key, value, LayerKV(k, v, ks, vs), slots)
+    blocks, offs = slots // bs, slots % bs
+    for x, cache, scales in ((key, k, ks), (value, v, vs)):
+        got = cache[:, blocks, offs].transpose(0, 1)  # [n, kvh, hd]
+        if scaled:
+            want_q, want_s = quantize_kv_int8(x)
+            assert (got.int() - want_q.int()).abs().max() <= 1
+            assert (got.int() != want_q.int()).float().mean() < 0.01
+            torch.testing.assert_close(scales[:, blocks, offs].transpose(0, 1), want_s)
+        else:
+            assert torch.equal(got, x.to(kv_dtype))
+    if scaled:
+        assert ks[0, blocks[4], offs[4]] == 1 and not k[0, blocks[4], offs[4]].any()
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k.view(kvh, -1, hd)[:, untouched] == 7).all()
+
+
+def test_quantize_kv_int8_error_is_within_half_a_step():
+    x = torch.randn(50, 4, 64) * torch.logspace(-3, 2, 50)[:, None, None]
+    q, s = quantize_kv_int8(x)
+    assert q.dtype == torch.int8 and s.shape == (50, 4) and q.abs().max() <= 127
+    assert ((q.float() * s[..., None] - x).abs() <= s[..., None] / 2 + 1e-6).all()
 
 
 def test_rms_norm_and_rotary_references_match_transformers():

@@ -53,9 +53,17 @@ def test_generate_default_model_greedy():
     assert "[length, 8 tokens]" in r.stdout
 
 
-def test_generate_default_model_int8_weights():
+def test_generate_default_model_int8_weights_and_kv_cache():
     r = _run(
-        "generate", "The capital of France is", "--max-tokens", "8", "-q", "int8", timeout=600
+        "generate",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "-q",
+        "int8",
+        "--kv-cache-dtype",
+        "int8",
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
@@ -64,9 +72,10 @@ def test_generate_default_model_int8_weights():
 def test_quantization_reaches_the_engine_child():
     from pagedserve.cli import _engine_argv, build_parser
 
-    a = build_parser().parse_args(["up", "--quantization", "int8"])
+    a = build_parser().parse_args(["up", "--quantization", "int8", "--kv-cache-dtype", "int8"])
     argv = _engine_argv(a)
     assert argv[argv.index("--quantization") + 1] == "int8"
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "int8"
     assert "--quantization" not in _engine_argv(build_parser().parse_args(["up"]))
 
 

@@ -402,9 +402,10 @@ class _CountingStack:
 
 
 @needs_packed
+@pytest.mark.parametrize("kv_dtype", ["auto", "bfloat16", "int8"])
 @pytest.mark.parametrize("quant", [None, "int8"])
 @pytest.mark.parametrize("attention_bias", [False, True])  # Llama: qkv and o biases
-def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bias):
+def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bias, kv_dtype):
     """Decode-only steps run the C++ DecodeStack: same kernels in the same order as
     LlamaModel.forward over FusedCpuOps, so every step's logits are equal bit for bit to an
     engine that runs the Python forward every step (prompts of different lengths, GQA, block
@@ -422,6 +423,7 @@ def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bi
         }
     )
     cfg = dict(load_format="dummy", num_kv_blocks=64, block_size=8, progress=False)
+    cfg["kv_cache_dtype"] = kv_dtype
     logits: list[list[torch.Tensor]] = [[], []]
     stacks = []
     for i in range(2):
@@ -492,15 +494,72 @@ def test_decode_stack_refuses_bad_input():
     x, cs = torch.randn(1, 32), torch.randn(1, 8)
     tables, lens = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
     slot = torch.zeros(1, dtype=torch.int64)
-    assert stack.run(x.clone(), kv, cs, cs, slot, tables, lens).shape == (1, 32)
+    assert stack.run(x.clone(), kv, None, cs, cs, slot, tables, lens).shape == (1, 32)
     with pytest.raises(RuntimeError, match="out of range"):
-        stack.run(x.clone(), kv, cs, cs, slot + 4 * 16, tables, lens)
+        stack.run(x.clone(), kv, None, cs, cs, slot + 4 * 16, tables, lens)
+    with pytest.raises(RuntimeError, match="cache dtype"):
+        stack.run(x.clone(), kv.double(), None, cs, cs, slot, tables, lens)
     with pytest.raises(RuntimeError, match="kv_caches"):
-        stack.run(x.clone(), kv.double(), cs, cs, slot, tables, lens)
+        stack.run(x.clone(), kv[:1], None, cs, cs, slot, tables, lens)
     with pytest.raises(RuntimeError, match="float32"):
-        stack.run(x.double(), kv, cs, cs, slot, tables, lens)
+        stack.run(x.double(), kv, None, cs, cs, slot, tables, lens)
     with pytest.raises(RuntimeError, match="slot_mapping"):
-        stack.run(x.clone(), kv, cs, cs, torch.zeros(2, dtype=torch.int64), tables, lens)
+        stack.run(x.clone(), kv, None, cs, cs, torch.zeros(2, dtype=torch.int64), tables, lens)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16", "int8"])
+def test_engine_with_a_narrower_kv_cache(kv_dtype):
+    """The same memory holds 2x (bf16/fp16) or 3.2x (int8 + its scales, head size 16) the
+    float32 tokens; decoding over the narrower cache stays close to the float32 cache's logits
+    at every step (prefill over the cache, then decodes that read it)."""
+    mc = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 96,
+            "hidden_size": 64,
+            "intermediate_size": 80,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    cfg = dict(load_format="dummy", kv_cache_memory=2**20, progress=False, dtype="float32")
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+    bytes_per_head = {"bfloat16": 2 * 16, "float16": 2 * 16, "int8": 16 + 4}  # head size 16
+    logits = []
+    for kv in ("auto", kv_dtype):
+        eng = LLMEngine(EngineConfig(kv_cache_dtype=kv, **cfg), mc)
+        execute, steps = eng.runner.execute, []
+
+        def record(sched, execute=execute, steps=steps):
+            out = execute(sched)
+            steps.append(out.sample_logits)
+            return out
+
+        eng.runner.execute = record
+        eng.add_request("a", list(range(1, 40)), SamplingParams(max_tokens=12, ignore_eos=True))
+        eng.add_request("b", list(range(50, 60)), SamplingParams(max_tokens=12, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+        logits.append(steps)
+        if kv == "auto":
+            base_blocks = eng.block_manager.num_blocks
+    assert eng.runner.kv_caches.dtype == dtypes[kv_dtype]
+    assert (eng.runner.kv_scales is not None) == (kv_dtype == "int8")
+    ratio = eng.block_manager.num_blocks / base_blocks
+    assert abs(ratio - 4 * 16 / bytes_per_head[kv_dtype]) < 0.05, ratio
+    assert len(logits[0]) == len(logits[1]) == 12
+    for ref, got in zip(*logits):
+        rel = (got - ref).norm() / ref.norm()
+        assert rel < 0.05, rel
+
+
+def test_kv_cache_dtype_is_checked():
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be"):
+        EngineConfig(kv_cache_dtype="int4")
+    with pytest.raises(InvalidRequestError, match="fp8 is not supported yet"):
+        EngineConfig(kv_cache_dtype="fp8")
+    assert EngineConfig(kv_cache_dtype="bf16").kv_cache_dtype == "bfloat16"
 
 
 def test_int8_quantization_is_refused_for_unknown_names():
@@ -616,7 +675,7 @@ def test_fused_model_forward_matches_plain():
             meta = build_metadata(q_lens, seq_lens, tables, 16, runner.fused_decode)
             step = runner.ops.step(pos, meta)
             with torch.inference_mode():
-                hidden.append(model(torch.tensor(tok), runner.kv_caches, runner.ops, step))
+                hidden.append(model(torch.tensor(tok), runner.layer_kv, runner.ops, step))
         outs.append(hidden)
     for plain, fused in zip(*outs):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)

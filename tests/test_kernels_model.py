@@ -10,7 +10,7 @@ import torch
 
 from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
 from engine_svc.models.loader import dummy_model
-from engine_svc.runner.attention import build_metadata
+from engine_svc.runner.attention import LayerKV, build_metadata
 from engine_svc.runner.cpu_model_ops import TorchCpuOps
 from engine_svc.runner.cuda import decode_num_splits
 from engine_svc.runner.cuda_graphs import capture_sizes
@@ -64,7 +64,8 @@ def _run_both(ops, dtype: torch.dtype, fused: bool = False) -> tuple[torch.Tenso
         ids = torch.randint(0, 64, (sum(q_lens),), generator=gen)
         pos = torch.cat([torch.arange(d, s) for d, s in zip(lens_done, seq_lens)])
         meta = build_metadata(q_lens, seq_lens, tables, BLOCK)
-        want = model(ids, cpu_kv, cpu_ops, cpu_ops.step(pos, meta))
+        layer_kv = [LayerKV(kv[0], kv[1]) for kv in cpu_kv]
+        want = model(ids, layer_kv, cpu_ops, cpu_ops.step(pos, meta))
         starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
         batch = BatchTensors(
             input_ids=ids,
@@ -379,7 +380,7 @@ def test_gpu_bench_prefill_step_and_flops():
         logits = prefill_step_fn(runner, 3, 20)()
         # the same three prompts (token 0 throughout) through the CPU path, one at a time
         cpu_ops = TorchCpuOps(cfg, torch.float32, 256)
-        kv = torch.zeros(2, 2, 2, 2, BLOCK, 16)
+        kv = [LayerKV(*torch.zeros(2, 2, 2, BLOCK, 16)) for _ in range(2)]
         meta = build_metadata([20], [20], [[0, 1]], BLOCK)
         step = cpu_ops.step(torch.arange(20), meta)
         want = model.compute_logits(model(torch.zeros(20, dtype=torch.long), kv, cpu_ops, step))

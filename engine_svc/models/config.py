@@ -111,8 +111,11 @@ class ModelConfig:
         return cls.from_dict(cfg, name=path.name, generation=gen)
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V of one token over all layers; an int8 cache adds its float32 scale per
+        token and KV head."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_size * elem
+        scales = 4 if dtype == torch.int8 else 0
+        return 2 * self.num_layers * self.num_kv_heads * (self.head_size * elem + scales)
 
 
 def _context_length(cfg: dict, name: str) -> int:

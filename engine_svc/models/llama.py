@@ -12,6 +12,7 @@ per step: decode on a CPU is bound by per-op overhead, not FLOPs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -132,7 +133,7 @@ class LlamaModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens]
-        kv_caches: torch.Tensor,  # [num_layers, ...]: one cache per layer, in the ops' layout
+        kv_caches: Sequence[Any],  # one cache per layer, in the ops' layout
         ops: ModelOps,
         step: Any,  # the runner's per-step input, handed to ``ops``
     ) -> torch.Tensor:  # [num_tokens, hidden] after the final norm

@@ -14,10 +14,23 @@ from dataclasses import dataclass, field
 import torch
 
 from engine_svc.runner import cpu_ops
+from kernels import reference
 
 DECODE_PAD_BUDGET = 0.15  # a decode group may gather at most this share of padding slots
 DECODE_GROUP_MAX = 64
 PREFILL_TILE = 128  # query rows per score block in prefill chunks
+
+
+@dataclass(slots=True)
+class LayerKV:
+    """One layer's paged KV cache: K and V [num_kv_heads, num_blocks, block_size, head_size] in
+    the cache dtype (the model's, or narrower: bfloat16, float16, int8); an int8 cache also
+    has one float32 scale per token and head, [num_kv_heads, num_blocks, block_size]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -126,36 +139,54 @@ def _decode_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
 def write_kv(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     value: torch.Tensor,
-    key_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_size]
-    value_cache: torch.Tensor,
+    kv: LayerKV,
     slot_mapping: torch.Tensor,  # [num_tokens], no padding on the CPU path
 ) -> None:
-    kvh, hd = key_cache.shape[0], key_cache.shape[3]
-    key_cache.view(kvh, -1, hd).index_copy_(1, slot_mapping, key.transpose(0, 1))
-    value_cache.view(kvh, -1, hd).index_copy_(1, slot_mapping, value.transpose(0, 1))
+    """Each token's K and V to its slot, in the cache's dtype (int8: quantized per token and
+    head). The C++ op where the kernels are built, else torch (the same quantization)."""
+    if cpu_ops.load() is not None and key.stride(-1) == 1 and key.stride(-2) == key.shape[-1]:
+        cpu_ops.write_kv_(key, value, kv.k, kv.v, slot_mapping, kv.k_scale, kv.v_scale)
+        return
+    kvh, hd = kv.k.shape[0], kv.k.shape[3]
+    for x, cache, scales in ((key, kv.k, kv.k_scale), (value, kv.v, kv.v_scale)):
+        if scales is None:
+            cache.view(kvh, -1, hd).index_copy_(1, slot_mapping, x.transpose(0, 1).to(cache.dtype))
+        else:
+            q, s = reference.quantize_kv_int8(x)
+            cache.view(kvh, -1, hd).index_copy_(1, slot_mapping, q.transpose(0, 1))
+            scales.view(kvh, -1).index_copy_(1, slot_mapping, s.transpose(0, 1))
 
 
 def attend(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-    key_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_size]
-    value_cache: torch.Tensor,
+    kv: LayerKV,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
     """Heads-outer cache layout: one gather yields K as [kv_heads, seqs, L, head] contiguous, so
-    the matmuls read it in place (K^T is a free transpose for BLAS) instead of copying again."""
+    the matmuls read it in place (K^T is a free transpose for BLAS) instead of copying again.
+    A narrower cache is widened to the query's dtype as it is gathered (the fused decode
+    kernel reads it as it is)."""
     out = torch.empty_like(query)
-    kvh, hd = key_cache.shape[0], key_cache.shape[3]
+    kvh, hd = kv.k.shape[0], kv.k.shape[3]
     group = query.shape[1] // kvh
     f = meta.fused_decodes
     if f is not None:
         out[: f.num] = cpu_ops.paged_decode(
-            query[: f.num].contiguous(), key_cache, value_cache, f.block_tables, f.seq_lens, scale
+            query[: f.num].contiguous(),
+            kv.k,
+            kv.v,
+            f.block_tables,
+            f.seq_lens,
+            scale,
+            kv.k_scale,
+            kv.v_scale,
         )
+    dt = query.dtype
     for g in meta.decodes:
         n = g.end - g.start
-        k = _gather(key_cache, g.blocks).view(kvh, n, -1, hd)  # [kvh, n, L, hd]
-        v = _gather(value_cache, g.blocks).view(kvh, n, -1, hd)
+        k = _gather(kv.k, g.blocks, kv.k_scale, dt).view(kvh, n, -1, hd)  # [kvh, n, L, hd]
+        v = _gather(kv.v, g.blocks, kv.v_scale, dt).view(kvh, n, -1, hd)
         q = query[g.start : g.end].view(n, kvh, group, hd).transpose(0, 1)  # [kvh, n, group, hd]
         scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [kvh, n, group, L]
         probs = torch.softmax(scores.mul_(scale).add_(g.bias), dim=-1).to(query.dtype)
@@ -164,8 +195,8 @@ def attend(
     for p in meta.prefills:
         q_len = p.end - p.start
         ctx = p.seq_len - q_len  # tokens before this chunk (cached prefix)
-        k = _gather(key_cache, p.blocks).view(kvh, -1, hd)  # [kvh, >= S, hd]
-        v = _gather(value_cache, p.blocks).view(kvh, -1, hd)
+        k = _gather(kv.k, p.blocks, kv.k_scale, dt).view(kvh, -1, hd)  # [kvh, >= S, hd]
+        v = _gather(kv.v, p.blocks, kv.v_scale, dt).view(kvh, -1, hd)
         # Query tiles keep the fp32 score block cache-sized (5x faster at 512 tokens than one
         # [q_len, S] block) and let causality skip the keys after each tile.
         for t0 in range(0, q_len, PREFILL_TILE):
@@ -182,13 +213,24 @@ def attend(
     return out
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[kv_heads, len(blocks), block_size * head_size]: whole blocks (contiguous rows) copied
-    per head with index_select on dim 0, about 3x faster on the CPU than one index_select on
-    dim 1 or advanced indexing (measured 2026-11, torch 2.13)."""
+def _gather(
+    cache: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor | None,  # [kv_heads, num_blocks, block_size] for an int8 cache
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[kv_heads, len(blocks), block_size * head_size] in ``dtype``: whole blocks (contiguous
+    rows) copied per head with index_select on dim 0, about 3x faster on the CPU than one
+    index_select on dim 1 or advanced indexing (measured 2026-11, torch 2.13); a narrower
+    cache widened (int8 times its scales)."""
     kvh, nb = cache.shape[0], cache.shape[1]
     flat = cache.view(kvh, nb, -1)
     out = torch.empty(kvh, blocks.numel(), flat.shape[2], dtype=cache.dtype)
     for h in range(kvh):
         torch.index_select(flat[h], 0, blocks, out=out[h])
-    return out
+    if scales is not None:
+        s = torch.stack([torch.index_select(scales[h], 0, blocks) for h in range(kvh)])
+        bs = scales.shape[2]
+        wide = out.view(kvh, blocks.numel(), bs, -1).float() * s[..., None]
+        return wide.view(kvh, blocks.numel(), -1).to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)

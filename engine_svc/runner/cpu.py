@@ -12,7 +12,7 @@ from engine_svc.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine_svc.models.config import ModelConfig
 from engine_svc.models.llama import LlamaModel
 from engine_svc.runner import cpu_ops
-from engine_svc.runner.attention import build_metadata
+from engine_svc.runner.attention import LayerKV, build_metadata
 from engine_svc.runner.cpu_model_ops import FusedCpuOps, cpu_model_ops
 from protos.errors import InvalidRequestError
 
@@ -35,6 +35,7 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         quantization: str | None = None,
+        kv_cache_dtype: torch.dtype | None = None,  # None: the model dtype
     ) -> None:
         self.model, self.cfg, self.dtype = model, cfg, dtype
         self.block_size = block_size
@@ -62,10 +63,21 @@ class ModelRunner:
         if self.fused_decode and isinstance(self.ops, FusedCpuOps):
             self.decode_stack = cpu_ops.decode_stack(model)
         # One tensor for the whole cache: [layers, K|V, kv_heads, blocks, block_size, head_size]
-        # (heads outer: see engine_svc.runner.attention.attend).
-        self.kv_caches = torch.zeros(
-            cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size, cfg.head_size, dtype=dtype
-        )
+        # (heads outer: see engine_svc.runner.attention.attend), in the KV cache dtype; an int8
+        # cache has its scales beside it, [layers, K|V, kv_heads, blocks, block_size].
+        self.kv_dtype = kv_cache_dtype or dtype
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks, block_size)
+        self.kv_caches = torch.zeros(*shape, cfg.head_size, dtype=self.kv_dtype)
+        self.kv_scales = torch.ones(shape) if self.kv_dtype == torch.int8 else None
+        self.layer_kv = [
+            LayerKV(
+                self.kv_caches[i, 0],
+                self.kv_caches[i, 1],
+                None if self.kv_scales is None else self.kv_scales[i, 0],
+                None if self.kv_scales is None else self.kv_scales[i, 1],
+            )
+            for i in range(cfg.num_layers)
+        ]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -93,6 +105,7 @@ class ModelRunner:
             hidden = self.decode_stack.run(
                 self.model.embed_tokens(input_ids),
                 self.kv_caches,
+                self.kv_scales,
                 step.cos,
                 step.sin,
                 meta.slot_mapping,
@@ -100,7 +113,7 @@ class ModelRunner:
                 f.seq_lens,
             )
         else:
-            hidden = self.model(input_ids, self.kv_caches, self.ops, step)
+            hidden = self.model(input_ids, self.layer_kv, self.ops, step)
 
         return select_logits(self.model, seqs, hidden)
 

@@ -1,8 +1,9 @@
 """The CPU runner's ops for the Llama forward (``engine_svc.models.llama.ModelOps``).
 
-One layer's KV cache is [K|V, num_kv_heads, num_blocks, block_size, head_size] (heads outer:
-see ``engine_svc.runner.attention.attend``); the KV write and attention are
-``engine_svc.runner.attention``'s, over the step's ``AttentionMetadata``.
+One layer's KV cache is an ``engine_svc.runner.attention.LayerKV`` (K and V heads outer,
+[num_kv_heads, num_blocks, block_size, head_size], in the cache dtype, with scales when int8);
+the KV write and attention are ``engine_svc.runner.attention``'s, over the step's
+``AttentionMetadata``.
 
 - ``TorchCpuOps``: plain torch, any dtype (bf16; float32 where the C++ kernels cannot be built).
 - ``FusedCpuOps``: float32 with the C++ element-wise kernels (``engine_svc.runner.cpu_ops``):
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from engine_svc.models.config import ModelConfig, rope_cos_sin_cache
 from engine_svc.runner import cpu_ops
-from engine_svc.runner.attention import AttentionMetadata, attend, write_kv
+from engine_svc.runner.attention import AttentionMetadata, LayerKV, attend, write_kv
 from kernels import reference
 
 
@@ -67,7 +68,7 @@ class TorchCpuOps:
         num_heads: int,
         num_kv_heads: int,
         head_size: int,
-        kv_cache: torch.Tensor,  # [2, num_kv_heads, num_blocks, block_size, head_size]
+        kv_cache: LayerKV,
         step: CpuStep,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
         n, kv_size = qkv.shape[0], num_kv_heads * head_size
@@ -75,13 +76,13 @@ class TorchCpuOps:
         q = _rotate(q.view(n, num_heads, head_size), step.cos, step.sin)
         k = _rotate(k.view(n, num_kv_heads, head_size), step.cos, step.sin)
         v = v.view(n, num_kv_heads, head_size)
-        write_kv(k, v, kv_cache[0], kv_cache[1], step.meta.slot_mapping)
+        write_kv(k, v, kv_cache, step.meta.slot_mapping)
         return q
 
     def attention(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, step: CpuStep, scale: float
+        self, q: torch.Tensor, kv_cache: LayerKV, step: CpuStep, scale: float
     ) -> torch.Tensor:
-        return attend(q, kv_cache[0], kv_cache[1], step.meta, scale)
+        return attend(q, kv_cache, step.meta, scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class FusedCpuOps(TorchCpuOps):
         num_heads: int,
         num_kv_heads: int,
         head_size: int,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerKV,
         step: CpuStep,
     ) -> torch.Tensor:
         n, kv_size = qkv.shape[0], num_kv_heads * head_size
@@ -120,7 +121,7 @@ class FusedCpuOps(TorchCpuOps):
         q, k, v = qkv.split([num_heads * head_size, kv_size, kv_size], dim=-1)
         k = k.view(n, num_kv_heads, head_size)
         v = v.view(n, num_kv_heads, head_size)
-        write_kv(k, v, kv_cache[0], kv_cache[1], step.meta.slot_mapping)
+        write_kv(k, v, kv_cache, step.meta.slot_mapping)
         return q.view(n, num_heads, head_size)
 
 

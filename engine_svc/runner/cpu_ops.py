@@ -1,6 +1,7 @@
 """C++ kernels for the CPU path, built once with torch's cpp_extension (sources in csrc/).
 
-- ``paged_decode`` (csrc/paged_decode.cpp): decode attention that reads K/V blocks in place.
+- ``paged_decode`` (csrc/paged_decode.cpp): decode attention that reads K/V blocks in place
+  (the cache in the query's dtype, bfloat16, float16 or int8 with per-token-head scales).
   On the CPU, torch has no op that reads K/V through a block table: the plain-torch path
   first copies every sequence's blocks out of the paged cache (``index_select``) and then
   runs two matmuls, so each step moves the whole context three times. The kernel computes,
@@ -11,6 +12,8 @@
   weights packed once into column panels (``pack_weight``), float32, or int8 with one scale per
   output column (``quantize_int8``, weight-only quantization); batch-invariant. ``PackedLinear``
   is the module.
+- ``write_kv_`` (csrc/kv_cache.cpp): new tokens' K and V into their cache slots, converted to
+  the cache's dtype (``--kv-cache-dtype``).
 - ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
   layer's element-wise ops fused, float32 (the model runs on them through
   ``engine_svc.runner.cpu_model_ops.FusedCpuOps``).
@@ -45,6 +48,7 @@ log = logging.getLogger("pagedserve.engine")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (
     "paged_decode.cpp",
+    "kv_cache.cpp",
     "packed_linear.cpp",
     "elementwise.cpp",
     "decode_stack.cpp",
@@ -171,8 +175,27 @@ def paged_decode(
     block_tables: torch.Tensor,  # [n, max_blocks] int64
     seq_lens: torch.Tensor,  # [n] int64, context length including the new token
     scale: float,
+    key_scales: torch.Tensor | None = None,  # int8 caches: [num_kv_heads, num_blocks, block_size]
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [n, num_heads, head_size]
-    return _module.paged_decode(query, key_cache, value_cache, block_tables, seq_lens, scale)
+    """The cache in the query's dtype, bfloat16, float16, or int8 with its scales."""
+    return _module.paged_decode(
+        query, key_cache, value_cache, block_tables, seq_lens, scale, key_scales, value_scales
+    )
+
+
+def write_kv_(
+    key: torch.Tensor,  # [n, num_kv_heads, head_size], heads packed, rows of any stride
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_size]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [n] int64
+    key_scales: torch.Tensor | None = None,  # int8 caches: [num_kv_heads, num_blocks, block_size]
+    value_scales: torch.Tensor | None = None,
+) -> None:
+    """Each token's K and V to its slot, converted to the cache's dtype (int8: quantized per
+    token and head, as ``kernels.reference.quantize_kv_int8``)."""
+    _module.write_kv_(key, value, key_cache, value_cache, slot_mapping, key_scales, value_scales)
 
 
 def packed_linear_supported() -> bool:

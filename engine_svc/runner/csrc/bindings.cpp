@@ -2,7 +2,10 @@
 // while it runs: the engine's IO thread (heartbeats, health probes, outputs) must keep going
 // during a long call, as it does during torch's own ops.
 torch::Tensor paged_decode(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                           torch::Tensor, double);
+                           torch::Tensor, double, c10::optional<torch::Tensor>,
+                           c10::optional<torch::Tensor>);
+void write_kv_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+               c10::optional<torch::Tensor>, c10::optional<torch::Tensor>);
 void use_generic_decode(bool);
 torch::Tensor packed_linear(torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>,
                             c10::optional<torch::Tensor>);
@@ -17,6 +20,7 @@ void bind_decode_stack(pybind11::module&);  // decode_stack.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function_no_gil(paged_decode));
   m.def("use_generic_decode", &use_generic_decode);
+  m.def("write_kv_", torch::wrap_pybind_function_no_gil(write_kv_));
   m.def("packed_linear", torch::wrap_pybind_function_no_gil(packed_linear));
   m.def("packed_linear_supported", &packed_linear_supported);
   m.def("packed_linear_panel_width", &packed_linear_panel_width);

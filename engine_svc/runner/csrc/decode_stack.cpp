@@ -8,14 +8,16 @@
 // layers, in the same order on the same kernels, from C++: the hidden states come out bit for
 // bit the same (tests/test_cpu_ops.py checks it); only the Python between the ops is gone.
 // Layer l: add + RMSNorm, qkv projection, rotary on q and k in place, k and v to their cache
-// slots, decode attention, o projection, add + RMSNorm, gate_up projection, silu * up, down
+// slots (write_kv_, in the cache's dtype), decode attention, o projection, add + RMSNorm, gate_up projection, silu * up, down
 // projection; then the final add + RMSNorm.
 #include <torch/extension.h>
-#include <cstring>
 #include <vector>
 
 torch::Tensor paged_decode(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                           torch::Tensor, double);
+                           torch::Tensor, double, c10::optional<torch::Tensor>,
+                           c10::optional<torch::Tensor>);
+void write_kv_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+               c10::optional<torch::Tensor>, c10::optional<torch::Tensor>);
 torch::Tensor packed_linear(torch::Tensor, torch::Tensor, int64_t, c10::optional<torch::Tensor>,
                             c10::optional<torch::Tensor>);
 torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double);
@@ -62,28 +64,26 @@ class DecodeStack {
   int64_t num_layers() const { return static_cast<int64_t>(input_norm_.size()); }
 
   // x: [n, hidden] float32 embeddings (a fresh tensor: it becomes the residual, updated in
-  // place); kv_caches: [layers, 2, kv_heads, blocks, block_size, head_size] float32; cos,
-  // sin: [n, head_size]; slot_mapping: [n] int64; block_tables [n, max_blocks] and seq_lens
-  // [n] as paged_decode takes them. Returns the final norm's output, [n, hidden].
-  torch::Tensor run(torch::Tensor x, torch::Tensor kv_caches, torch::Tensor cos,
-                    torch::Tensor sin, torch::Tensor slot_mapping, torch::Tensor block_tables,
-                    torch::Tensor seq_lens) const {
+  // place); kv_caches: [layers, 2, kv_heads, blocks, block_size, head_size] in the cache dtype
+  // (float32, bfloat16, float16, or int8 with kv_scales [layers, 2, kv_heads, blocks,
+  // block_size]); cos, sin: [n, head_size]; slot_mapping: [n] int64; block_tables
+  // [n, max_blocks] and seq_lens [n] as paged_decode takes them. Returns the final norm's
+  // output, [n, hidden].
+  torch::Tensor run(torch::Tensor x, torch::Tensor kv_caches, c10::optional<torch::Tensor> kv_scales,
+                    torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
+                    torch::Tensor block_tables, torch::Tensor seq_lens) const {
     const int64_t L = num_layers();
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32,
                 "x must be a contiguous float32 [n, hidden] matrix");
     TORCH_CHECK(kv_caches.dim() == 6 && kv_caches.size(0) == L && kv_caches.size(1) == 2 &&
                     kv_caches.size(2) == KVH_ && kv_caches.size(5) == D_ &&
-                    kv_caches.is_contiguous() && kv_caches.scalar_type() == torch::kFloat32,
-                "kv_caches must be a contiguous float32 [", L, ", 2, ", KVH_,
+                    kv_caches.is_contiguous(),
+                "kv_caches must be a contiguous [", L, ", 2, ", KVH_,
                 ", blocks, block_size, ", D_, "] tensor");
-    const int64_t n = x.size(0), NB = kv_caches.size(3), BS = kv_caches.size(4);
-    TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.numel() == n &&
-                    slot_mapping.is_contiguous(),
-                "slot_mapping must be n contiguous int64");
-    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-    for (int64_t t = 0; t < n; ++t)
-      TORCH_CHECK(slots[t] >= 0 && slots[t] < NB * BS, "slot ", slots[t], " out of range");
-    const int64_t q_size = H_ * D_, kv_size = KVH_ * D_;
+    if (kv_scales.has_value())
+      TORCH_CHECK(kv_scales->dim() == 5 && kv_scales->size(0) == L && kv_scales->size(1) == 2,
+                  "kv_scales must be [", L, ", 2, kv_heads, blocks, block_size]");
+    const int64_t n = x.size(0), q_size = H_ * D_, kv_size = KVH_ * D_;
 
     torch::Tensor residual = x, out;
     for (int64_t l = 0; l < L; ++l) {
@@ -92,10 +92,17 @@ class DecodeStack {
       torch::Tensor qkv = linear(h, l, 0);
       rotary_(qkv, cos, sin, H_ + KVH_, D_);
       torch::Tensor cache = kv_caches.select(0, l);  // [2, kv_heads, blocks, block_size, D]
-      write_kv(qkv, cache, slots, n, q_size, kv_size, NB * BS);
+      c10::optional<torch::Tensor> ks, vs;
+      if (kv_scales.has_value()) {
+        ks = kv_scales->select(0, l).select(0, 0);
+        vs = kv_scales->select(0, l).select(0, 1);
+      }
+      write_kv_(qkv.narrow(1, q_size, kv_size).view({n, KVH_, D_}),
+                qkv.narrow(1, q_size + kv_size, kv_size).view({n, KVH_, D_}), cache.select(0, 0),
+                cache.select(0, 1), slot_mapping, ks, vs);
       torch::Tensor q = qkv.narrow(1, 0, q_size).contiguous().view({n, H_, D_});
       torch::Tensor o = paged_decode(q, cache.select(0, 0), cache.select(0, 1), block_tables,
-                                     seq_lens, scale_);
+                                     seq_lens, scale_, ks, vs);
       out = linear(o.view({n, q_size}), l, 1);
       h = add_rms_norm_(out, residual, post_norm_[l], eps_);
       out = linear(silu_mul(linear(h, l, 2)), l, 3);
@@ -107,24 +114,6 @@ class DecodeStack {
   torch::Tensor linear(const torch::Tensor& x, int64_t layer, int64_t which) const {
     const size_t i = static_cast<size_t>(4 * layer + which);
     return packed_linear(x, packed_[i], out_[i], biases_[i], scales_[i]);
-  }
-
-  // k and v of each token (columns [q_size, q_size + 2 * kv_size) of its qkv row) to its
-  // slot, per kv head: cache[0 | 1, head, slot] (blocks * block_size slots per head).
-  void write_kv(const torch::Tensor& qkv, torch::Tensor& cache, const int64_t* slots, int64_t n,
-                int64_t q_size, int64_t kv_size, int64_t slots_per_head) const {
-    const float* src = qkv.data_ptr<float>();
-    float* dst = cache.data_ptr<float>();
-    const int64_t cols = qkv.size(1);
-    for (int64_t t = 0; t < n; ++t) {
-      for (int64_t kv = 0; kv < 2; ++kv) {
-        for (int64_t h = 0; h < KVH_; ++h) {
-          const float* from = src + t * cols + q_size + kv * kv_size + h * D_;
-          float* to = dst + ((kv * KVH_ + h) * slots_per_head + slots[t]) * D_;
-          std::memcpy(to, from, D_ * sizeof(float));
-        }
-      }
-    }
   }
 
   int64_t H_, KVH_, D_;

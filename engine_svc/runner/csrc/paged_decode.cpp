@@ -23,9 +23,14 @@ static inline float online_update(bool first, float mn, float sum, float& m, flo
 // GC, DC > 0 fix the group and head size at compile time: the loops unroll into vector
 // registers and the exp loop vectorizes; 0 is the generic fallback. No infinities are used:
 // the build has -ffast-math (finite math assumed), so the first block seeds m.
-template <typename scalar_t, int GC, int DC>
-static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh,
-                       const scalar_t* __restrict vh, const int64_t* __restrict table, int64_t L,
+//
+// An int8 cache (ksh / vsh not null) holds one float32 scale per token and KV head: the dot
+// product with the int8 key is scaled after the sum, the softmax weight of a token takes its
+// value scale, so nothing is dequantized up front.
+template <typename cache_t, int GC, int DC>
+static void decode_one(const float* __restrict qf, const cache_t* __restrict kh,
+                       const cache_t* __restrict vh, const float* __restrict ksh,
+                       const float* __restrict vsh, const int64_t* __restrict table, int64_t L,
                        int64_t Gr, int64_t Dr, int64_t BS, float* __restrict p,
                        float* __restrict m, float* __restrict l, float* __restrict acc) {
   const int64_t G = GC > 0 ? GC : Gr;
@@ -34,21 +39,24 @@ static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh
   for (int64_t b = 0, start = 0; start < L; ++b, start += BS) {
     const int64_t nt = std::min(BS, L - start);
     const int64_t off = table[b] * BS * D;
-    const scalar_t* __restrict kb = kh + off;
-    const scalar_t* __restrict vb = vh + off;
+    const cache_t* __restrict kb = kh + off;
+    const cache_t* __restrict vb = vh + off;
+    const float* __restrict ksb = ksh == nullptr ? nullptr : ksh + table[b] * BS;
+    const float* __restrict vsb = vsh == nullptr ? nullptr : vsh + table[b] * BS;
     if (start + BS < L) {  // the next block is elsewhere in memory: start fetching it now
       const int64_t next = table[b + 1] * BS * D;
       __builtin_prefetch(kh + next);
       __builtin_prefetch(vh + next);
     }
     for (int64_t t = 0; t < nt; ++t) {
-      const scalar_t* __restrict k = kb + t * D;
+      const cache_t* __restrict k = kb + t * D;
+      const float ks = ksb == nullptr ? 1.f : ksb[t];
       for (int64_t g = 0; g < G; ++g) {
         const float* __restrict qg = qf + g * D;
         float a = 0.f;
 #pragma omp simd reduction(+ : a)
         for (int64_t d = 0; d < D; ++d) a += qg[d] * static_cast<float>(k[d]);
-        p[g * BS + t] = a;
+        p[g * BS + t] = ksb == nullptr ? a : a * ks;
       }
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -71,9 +79,10 @@ static void decode_one(const float* __restrict qf, const scalar_t* __restrict kh
       }
     }
     for (int64_t t = 0; t < nt; ++t) {
-      const scalar_t* __restrict v = vb + t * D;
+      const cache_t* __restrict v = vb + t * D;
+      const float vs = vsb == nullptr ? 1.f : vsb[t];
       for (int64_t g = 0; g < G; ++g) {
-        const float pt = p[g * BS + t];
+        const float pt = vsb == nullptr ? p[g * BS + t] : p[g * BS + t] * vs;
         float* __restrict ag = acc + g * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) ag[d] += pt * static_cast<float>(v[d]);
@@ -214,44 +223,55 @@ static std::atomic<bool> force_generic{false};
 // Tests run both paths on an AVX-512 machine: true = always the portable decode_one.
 void use_generic_decode(bool on) { force_generic = on; }
 
-template <typename scalar_t, int GC, int DC>
-static void decode_select(int64_t G, int64_t D, const scalar_t* kh, const scalar_t* vh,
-                          const int64_t* t, int64_t L, int64_t BS, const Scratch& s) {
+struct Heads {  // one KV head's cache and, for int8, its scales
+  const void* k;
+  const void* v;
+  const float* ks;
+  const float* vs;
+};
+
+template <typename cache_t, int GC, int DC>
+static void decode_select(int64_t G, int64_t D, const Heads& h, const int64_t* t, int64_t L,
+                          int64_t BS, const Scratch& s) {
+  const cache_t* kh = static_cast<const cache_t*>(h.k);
+  const cache_t* vh = static_cast<const cache_t*>(h.v);
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<scalar_t, float> && GC > 0 && DC > 0 && DC % 16 == 0) {
+  if constexpr (std::is_same_v<cache_t, float> && GC > 0 && DC > 0 && DC % 16 == 0) {
     if (!force_generic.load(std::memory_order_relaxed))
       return decode_one_avx512<GC, DC>(s.qf, kh, vh, t, L, BS, s.acc);
   }
 #endif
-  decode_one<scalar_t, GC, DC>(s.qf, kh, vh, t, L, G, D, BS, s.p, s.m, s.l, s.acc);
+  decode_one<cache_t, GC, DC>(s.qf, kh, vh, h.ks, h.vs, t, L, G, D, BS, s.p, s.m, s.l, s.acc);
 }
 
-template <typename scalar_t, int DC>
-static void dispatch_g(int64_t G, int64_t D, const scalar_t* kh, const scalar_t* vh,
-                       const int64_t* t, int64_t L, int64_t BS, const Scratch& s) {
+template <typename cache_t, int DC>
+static void dispatch_g(int64_t G, int64_t D, const Heads& h, const int64_t* t, int64_t L,
+                       int64_t BS, const Scratch& s) {
   switch (G) {
-    case 1: return decode_select<scalar_t, 1, DC>(G, D, kh, vh, t, L, BS, s);
-    case 2: return decode_select<scalar_t, 2, DC>(G, D, kh, vh, t, L, BS, s);
-    case 3: return decode_select<scalar_t, 3, DC>(G, D, kh, vh, t, L, BS, s);
-    case 4: return decode_select<scalar_t, 4, DC>(G, D, kh, vh, t, L, BS, s);
-    case 8: return decode_select<scalar_t, 8, DC>(G, D, kh, vh, t, L, BS, s);
-    default: return decode_select<scalar_t, 0, DC>(G, D, kh, vh, t, L, BS, s);
+    case 1: return decode_select<cache_t, 1, DC>(G, D, h, t, L, BS, s);
+    case 2: return decode_select<cache_t, 2, DC>(G, D, h, t, L, BS, s);
+    case 3: return decode_select<cache_t, 3, DC>(G, D, h, t, L, BS, s);
+    case 4: return decode_select<cache_t, 4, DC>(G, D, h, t, L, BS, s);
+    case 8: return decode_select<cache_t, 8, DC>(G, D, h, t, L, BS, s);
+    default: return decode_select<cache_t, 0, DC>(G, D, h, t, L, BS, s);
   }
 }
 
-template <typename scalar_t>
-static void dispatch(int64_t G, int64_t D, const scalar_t* kh, const scalar_t* vh,
-                     const int64_t* t, int64_t L, int64_t BS, const Scratch& s) {
-  if (D == 64) return dispatch_g<scalar_t, 64>(G, D, kh, vh, t, L, BS, s);
-  if (D == 128) return dispatch_g<scalar_t, 128>(G, D, kh, vh, t, L, BS, s);
-  return dispatch_g<scalar_t, 0>(G, D, kh, vh, t, L, BS, s);
+template <typename cache_t>
+static void dispatch(int64_t G, int64_t D, const Heads& h, const int64_t* t, int64_t L,
+                     int64_t BS, const Scratch& s) {
+  if (D == 64) return dispatch_g<cache_t, 64>(G, D, h, t, L, BS, s);
+  if (D == 128) return dispatch_g<cache_t, 128>(G, D, h, t, L, BS, s);
+  return dispatch_g<cache_t, 0>(G, D, h, t, L, BS, s);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename cache_t>
 static void decode_kernel(
     const scalar_t* q,        // [n, H, D]
-    const scalar_t* kc,       // [KVH, NB, BS, D]
-    const scalar_t* vc,       // [KVH, NB, BS, D]
+    const cache_t* kc,        // [KVH, NB, BS, D]
+    const cache_t* vc,        // [KVH, NB, BS, D]
+    const float* ksc,         // [KVH, NB, BS] (int8 caches), else null
+    const float* vsc,
     const int64_t* tables,    // [n, W] block ids
     const int64_t* lens,      // [n] context length (including the new token)
     scalar_t* out,            // [n, H, D]
@@ -271,8 +291,10 @@ static void decode_kernel(
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d)
             sc.qf[g * D + d] = static_cast<float>(q[(s * H + h * G + g) * D + d]) * scale;
-        dispatch<scalar_t>(G, D, kc + h * NB * BS * D, vc + h * NB * BS * D, tables + s * W,
-                           lens[s], BS, sc);
+        const Heads heads{kc + h * NB * BS * D, vc + h * NB * BS * D,
+                          ksc == nullptr ? nullptr : ksc + h * NB * BS,
+                          vsc == nullptr ? nullptr : vsc + h * NB * BS};
+        dispatch<cache_t>(G, D, heads, tables + s * W, lens[s], BS, sc);
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d)
             out[(s * H + h * G + g) * D + d] = static_cast<scalar_t>(sc.acc[g * D + d]);
@@ -281,8 +303,12 @@ static void decode_kernel(
   });
 }
 
+// The cache may be stored narrower than the query: the query's own dtype, bfloat16, float16,
+// or int8 with its scales ([KVH, NB, BS] float32 each for K and V).
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
-                           torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+                           torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                           c10::optional<torch::Tensor> key_scales,
+                           c10::optional<torch::Tensor> value_scales) {
   TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu() &&
                   value_cache.device().is_cpu() && block_tables.device().is_cpu() &&
                   seq_lens.device().is_cpu(),
@@ -299,8 +325,26 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   const int64_t KVH = key_cache.size(0), NB = key_cache.size(1), BS = key_cache.size(2);
   TORCH_CHECK(KVH > 0 && BS > 0 && H % KVH == 0 && key_cache.size(3) == D, "shape mismatch");
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "key and value caches differ in shape");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() &&
-                  value_cache.scalar_type() == query.scalar_type(), "dtypes differ");
+  const auto qt = query.scalar_type(), ct = key_cache.scalar_type();
+  TORCH_CHECK(value_cache.scalar_type() == ct, "key and value caches differ in dtype");
+  TORCH_CHECK(ct == qt || ct == torch::kBFloat16 || ct == torch::kHalf || ct == torch::kChar,
+              "cache dtype ", ct, " with query dtype ", qt,
+              ": the cache is the query's dtype, bfloat16, float16 or int8");
+  const bool int8 = ct == torch::kChar;
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()) &&
+                  (int8 || (!key_scales.has_value() && !value_scales.has_value())),
+              "an int8 cache needs its key and value scales, other caches none");
+  const float* ksp = nullptr;
+  const float* vsp = nullptr;
+  if (int8) {
+    for (const auto* sc : {&*key_scales, &*value_scales})
+      TORCH_CHECK(sc->scalar_type() == torch::kFloat32 && sc->is_contiguous() &&
+                      sc->dim() == 3 && sc->size(0) == KVH && sc->size(1) == NB &&
+                      sc->size(2) == BS,
+                  "scales must be contiguous float32 [kv_heads, blocks, block_size]");
+    ksp = key_scales->data_ptr<float>();
+    vsp = value_scales->data_ptr<float>();
+  }
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && lens.numel() == n,
               "block_tables / seq_lens do not have one row per query");
   {  // Every block the kernel will read exists: O(n * W), nothing next to the attention.
@@ -313,11 +357,19 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
         TORCH_CHECK(tp[s * W + b] >= 0 && tp[s * W + b] < NB, "block id out of range");
     }
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode", [&] {
-    decode_kernel<scalar_t>(query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
-                            value_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
-                            lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n, H, KVH, D, NB,
-                            BS, tables.size(1), static_cast<float>(scale));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qt, "paged_decode", [&] {
+    auto run = [&](auto cache_zero) {
+      using cache_t = decltype(cache_zero);
+      decode_kernel<scalar_t, cache_t>(
+          query.data_ptr<scalar_t>(), static_cast<const cache_t*>(key_cache.data_ptr()),
+          static_cast<const cache_t*>(value_cache.data_ptr()), ksp, vsp,
+          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n, H,
+          KVH, D, NB, BS, tables.size(1), static_cast<float>(scale));
+    };
+    if (ct == qt) run(scalar_t{});
+    else if (ct == torch::kBFloat16) run(c10::BFloat16{});
+    else if (ct == torch::kHalf) run(c10::Half{});
+    else run(int8_t{});
   });
   return out;
 }
