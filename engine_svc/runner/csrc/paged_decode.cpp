@@ -214,6 +214,169 @@ static void decode_one_avx512(const float* __restrict qf, const float* __restric
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+// 8 cache values -> 8 float32 lanes.
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+#if defined(__F16C__)
+static inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+static inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <typename T>
+constexpr bool avx2_loads = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                            std::is_same_v<T, int8_t>
+#if defined(__F16C__)
+                            || std::is_same_v<T, c10::Half>
+#endif
+    ;
+
+// lane t = sum of the 8 lanes of r[t]: a transpose-and-add tree of horizontal adds.
+static inline __m256 hsum8(const __m256* r) {
+  const __m256 h01 = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+  const __m256 h23 = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h01, h23, 0x20),
+                       _mm256_permute2f128_ps(h01, h23, 0x31));
+}
+
+// exp of lanes x <= 0 (scores minus their running max): n = round(x / ln2), a degree-6
+// polynomial for e^r, times 2^n built in the exponent bits; lanes below -87 (where 2^n would
+// leave the normal range; e^-87 is below every weight that matters) are set to 0 by a bit
+// mask afterwards. A NaN lane compares false, so it stays NaN, as in the generic path (no
+// max/min clamp: under -ffast-math the compiler may swap their operands, which decides NaNs).
+static inline __m256 exp256(__m256 x) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// decode_one with AVX2 + FMA, any cache type with an 8-lane load (float32, bf16, fp16 with
+// F16C, int8 with scales), chunks of up to 8 tokens of one block: the 8 scores of a chunk come
+// out of one horizontal-add tree, the exp is vectorized; V is summed one 8-column slice at a
+// time with the G accumulators of the slice in registers. Same online softmax as decode_one.
+template <typename cache_t, int GC, int DC>
+static void decode_one_avx2(const float* __restrict qf, const cache_t* __restrict kh,
+                            const cache_t* __restrict vh, const float* __restrict ksh,
+                            const float* __restrict vsh, const int64_t* __restrict table,
+                            int64_t L, int64_t BS, float* __restrict out /* [G, D] */) {
+  constexpr int G = GC, C = DC / 8;
+  alignas(32) float acc[G * DC];
+  alignas(32) float p[G][8];
+  float m[G], l[G];
+  std::fill(acc, acc + G * DC, 0.f);
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t start = 0, nt = 0; start < L; start += nt) {
+    const int64_t pos = start % BS, blk = table[start / BS];
+    nt = std::min<int64_t>({8, L - start, BS - pos});
+    const cache_t* __restrict kb = kh + (blk * BS + pos) * DC;
+    const cache_t* __restrict vb = vh + (blk * BS + pos) * DC;
+    alignas(32) float ks[8] = {1, 1, 1, 1, 1, 1, 1, 1}, vs[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    if (ksh != nullptr)
+      for (int64_t t = 0; t < nt; ++t) {
+        ks[t] = ksh[blk * BS + pos + t];
+        vs[t] = vsh[blk * BS + pos + t];
+      }
+    // The next chunk, often in another block elsewhere in memory (and another page, where
+    // the hardware prefetcher stops): fetch all of its K and V rows while this one is
+    // computed, one token row per token here.
+    const char* nk = nullptr;
+    const char* nv = nullptr;
+    int64_t nn = 0;
+    if (start + nt < L) {
+      const int64_t ns = start + nt;
+      const int64_t noff = (table[ns / BS] * BS + ns % BS) * DC;
+      nk = reinterpret_cast<const char*>(kh + noff);
+      nv = reinterpret_cast<const char*>(vh + noff);
+      nn = std::min<int64_t>({8, L - ns, BS - ns % BS});
+    }
+    constexpr int64_t row = DC * sizeof(cache_t);
+    const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(nt)), _CMP_LT_OQ);
+    for (int g = 0; g < G; ++g) {
+      const float* qg = qf + g * DC;
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t) {
+        if (t < nt) {
+          __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(kb + t * DC));
+          for (int c = 1; c < C; ++c)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), load8(kb + t * DC + c * 8), a);
+          r[t] = a;
+        } else {
+          r[t] = _mm256_setzero_ps();
+        }
+      }
+      const __m256 sc = _mm256_mul_ps(hsum8(r), _mm256_load_ps(ks));
+      _mm256_store_ps(p[g], sc);
+      float bm = p[g][0];
+      for (int64_t t = 1; t < nt; ++t) bm = std::max(bm, p[g][t]);
+      const float mn = start == 0 ? bm : std::max(m[g], bm);
+      const __m256 e = _mm256_and_ps(valid, exp256(_mm256_sub_ps(sc, _mm256_set1_ps(mn))));
+      _mm256_store_ps(p[g], e);
+      float sum = 0.f;
+      for (int64_t t = 0; t < nt; ++t) sum += p[g][t];
+      const float corr = online_update(start == 0, mn, sum, m[g], l[g]);
+      if (corr != 1.f) {
+        const __m256 cv = _mm256_set1_ps(corr);
+        for (int c = 0; c < C; ++c)
+          _mm256_store_ps(acc + g * DC + c * 8, _mm256_mul_ps(_mm256_load_ps(acc + g * DC + c * 8), cv));
+      }
+      if (vsh != nullptr) _mm256_store_ps(p[g], _mm256_mul_ps(e, _mm256_load_ps(vs)));
+    }
+    for (int64_t t = 0; t < nn; ++t)
+      for (int64_t b = 0; b < row; b += 64) {
+        _mm_prefetch(nk + t * row + b, _MM_HINT_T0);
+        _mm_prefetch(nv + t * row + b, _MM_HINT_T0);
+      }
+    // S slices at a time, so that G * S accumulator chains (up to 12) hide the FMA latency.
+    constexpr int S = std::max(1, std::min(C, 12 / G));
+    for (int c0 = 0; c0 < C; c0 += S) {
+      __m256 a[G][S];
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < S; ++j)
+          if (c0 + j < C) a[g][j] = _mm256_load_ps(acc + g * DC + (c0 + j) * 8);
+      for (int64_t t = 0; t < nt; ++t) {
+        __m256 v[S];
+        for (int j = 0; j < S; ++j)
+          if (c0 + j < C) v[j] = load8(vb + t * DC + (c0 + j) * 8);
+        for (int g = 0; g < G; ++g) {
+          const __m256 pt = _mm256_set1_ps(p[g][t]);
+          for (int j = 0; j < S; ++j)
+            if (c0 + j < C) a[g][j] = _mm256_fmadd_ps(pt, v[j], a[g][j]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < S; ++j)
+          if (c0 + j < C) _mm256_store_ps(acc + g * DC + (c0 + j) * 8, a[g][j]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m256 inv = _mm256_set1_ps(1.f / l[g]);
+    for (int c = 0; c < C; ++c)
+      _mm256_storeu_ps(out + g * DC + c * 8, _mm256_mul_ps(_mm256_load_ps(acc + g * DC + c * 8), inv));
+  }
+}
+#endif
+
 struct Scratch {  // per-thread buffers of decode_one
   float *qf, *p, *m, *l, *acc;
 };
@@ -239,6 +402,12 @@ static void decode_select(int64_t G, int64_t D, const Heads& h, const int64_t* t
   if constexpr (std::is_same_v<cache_t, float> && GC > 0 && DC > 0 && DC % 16 == 0) {
     if (!force_generic.load(std::memory_order_relaxed))
       return decode_one_avx512<GC, DC>(s.qf, kh, vh, t, L, BS, s.acc);
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (avx2_loads<cache_t> && GC > 0 && DC > 0 && DC % 8 == 0) {
+    if (!force_generic.load(std::memory_order_relaxed))
+      return decode_one_avx2<cache_t, GC, DC>(s.qf, kh, vh, h.ks, h.vs, t, L, BS, s.acc);
   }
 #endif
   decode_one<cache_t, GC, DC>(s.qf, kh, vh, h.ks, h.vs, t, L, G, D, BS, s.p, s.m, s.l, s.acc);
