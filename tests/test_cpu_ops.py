@@ -153,6 +153,22 @@ def test_bad_tables_are_refused_not_read():
         cpu_ops.paged_decode(q, kc, vc, bt, sl + 1000, 0.125)
 
 
+def _tiny_llama(vocab_size, hidden_size, intermediate_size, num_hidden_layers, **extra):
+    """A small random Llama config: 4 query heads over 2 KV heads."""
+    return ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            **extra,
+        }
+    )
+
+
 # -- packed linear -------------------------------------------------------------------------------
 
 needs_packed = pytest.mark.skipif(
@@ -338,17 +354,7 @@ def test_pack_linears_swaps_float32_layers_only():
 @needs_packed
 def test_float32_engine_packs_every_linear():
     cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False)
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
+    mc = _tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     eng = LLMEngine(EngineConfig(dtype="float32", **cfg), mc)
     assert eng.runner.packed_linears == 4 * 2 + 1  # qkv, o, gate_up, down per layer + lm_head
     eng = LLMEngine(EngineConfig(dtype="bfloat16", **cfg), mc)
@@ -361,17 +367,7 @@ def test_int8_engine_packs_every_linear_and_stays_close(dtype):
     """--quantization int8: every linear layer int8, any dtype; the first step's logits stay
     near the unquantized engine's (per-channel int8 keeps about 0.4 % of each weight row)."""
     cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False, dtype=dtype)
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 64,
-            "hidden_size": 64,
-            "intermediate_size": 96,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
+    mc = _tiny_llama(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     logits = {}
     for quant in (None, "int8"):
         eng = LLMEngine(EngineConfig(quantization=quant, **cfg), mc)
@@ -410,17 +406,12 @@ def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bi
     LlamaModel.forward over FusedCpuOps, so every step's logits are equal bit for bit to an
     engine that runs the Python forward every step (prompts of different lengths, GQA, block
     boundaries crossed, batches that shrink as requests finish)."""
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 96,
-            "hidden_size": 64,
-            "intermediate_size": 80,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "attention_bias": attention_bias,
-        }
+    mc = _tiny_llama(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        attention_bias=attention_bias,
     )
     cfg = dict(load_format="dummy", num_kv_blocks=64, block_size=8, progress=False)
     cfg["kv_cache_dtype"] = kv_dtype
@@ -455,17 +446,7 @@ def test_decode_stack_is_bit_identical_to_the_python_forward(quant, attention_bi
 
 @needs_packed
 def test_decode_stack_is_used_only_for_float32_fused_ops():
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
+    mc = _tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     cfg = dict(load_format="dummy", num_kv_blocks=16, progress=False)
     assert LLMEngine(EngineConfig(dtype="float32", **cfg), mc).runner.decode_stack is not None
     # bf16 runs plain torch ops (and int8 weights with bf16 activations): the Python forward
@@ -476,17 +457,7 @@ def test_decode_stack_is_used_only_for_float32_fused_ops():
 
 @needs_packed
 def test_decode_stack_refuses_bad_input():
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
+    mc = _tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     eng = LLMEngine(
         EngineConfig(dtype="float32", load_format="dummy", num_kv_blocks=4, progress=False), mc
     )
@@ -512,17 +483,7 @@ def test_engine_with_a_narrower_kv_cache(kv_dtype):
     """The same memory holds 2x (bf16/fp16) or 3.2x (int8 + its scales, head size 16) the
     float32 tokens; decoding over the narrower cache stays close to the float32 cache's logits
     at every step (prefill over the cache, then decodes that read it)."""
-    mc = ModelConfig.from_dict(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 96,
-            "hidden_size": 64,
-            "intermediate_size": 80,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
+    mc = _tiny_llama(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2)
     cfg = dict(load_format="dummy", kv_cache_memory=2**20, progress=False, dtype="float32")
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
     bytes_per_head = {"bfloat16": 2 * 16, "float16": 2 * 16, "int8": 16 + 4}  # head size 16
