@@ -61,6 +61,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 _lock = threading.Lock()
 _module = None
 _tried = False
+_ready = False  # load() has decided (module or None): later calls skip the lock
 _error: str | None = None  # why the last load() found no kernels
 
 
@@ -100,43 +101,59 @@ def load_error() -> str | None:
 
 
 def load():
-    """The compiled module, or None when it cannot be built (the torch path is used then)."""
-    global _module, _tried, _error
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
-            _error = "disabled by PAGEDSERVE_CPU_KERNEL=0"
-            return None
-        try:
-            from torch.utils import cpp_extension
-            from torch.utils.cpp_extension import load_inline
-
-            sources = [(CSRC / f).read_text() for f in SOURCES]
-            name = build_name(sources)
-            build_dir = cpp_extension._get_build_directory(name, False)
-            with build_lock(build_dir):
-                if os.path.exists(os.path.join(build_dir, f"{name}.so")):
-                    log.info("loading the CPU kernels built in %s", build_dir)
-                else:  # not built at install (or for another CPU, torch or source version)
-                    log.warning(
-                        "building the C++ CPU kernels now, about a minute, once (install runs "
-                        "`pagedserve build-kernels` to do it ahead): %s",
-                        build_dir,
-                    )
-                _module = load_inline(
-                    name=name,
-                    cpp_sources=sources,  # bindings.cpp binds them (GIL released)
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-        except Exception as e:  # no compiler or ninja: keep the plain-torch path
-            _error = _short(e)
-            log.warning("CPU kernels unavailable (%s); using the torch path", _error)
-            _module = None
+    """The compiled module, or None when it cannot be built (the torch path is used then).
+    Called on the step's hot path (the KV write of every layer): once decided, no lock."""
+    if _ready:
         return _module
+    with _lock:
+        try:
+            return _load_locked()
+        finally:
+            _set_ready()
+
+
+def _set_ready() -> None:
+    global _ready
+    _ready = True
+
+
+def _load_locked():
+    """load()'s work, under ``_lock``: build or load the module once."""
+    global _module, _tried, _error
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
+        _error = "disabled by PAGEDSERVE_CPU_KERNEL=0"
+        return None
+    try:
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import load_inline
+
+        sources = [(CSRC / f).read_text() for f in SOURCES]
+        name = build_name(sources)
+        build_dir = cpp_extension._get_build_directory(name, False)
+        with build_lock(build_dir):
+            if os.path.exists(os.path.join(build_dir, f"{name}.so")):
+                log.info("loading the CPU kernels built in %s", build_dir)
+            else:  # not built at install (or for another CPU, torch or source version)
+                log.warning(
+                    "building the C++ CPU kernels now, about a minute, once (install runs "
+                    "`pagedserve build-kernels` to do it ahead): %s",
+                    build_dir,
+                )
+            _module = load_inline(
+                name=name,
+                cpp_sources=sources,  # bindings.cpp binds them (GIL released)
+                extra_cflags=CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+    except Exception as e:  # no compiler or ninja: keep the plain-torch path
+        _error = _short(e)
+        log.warning("CPU kernels unavailable (%s); using the torch path", _error)
+        _module = None
+    return _module
 
 
 def _short(e: Exception) -> str:
