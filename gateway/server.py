@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.frontend import Frontend
 from gateway.metrics import Metrics
 from gateway.service import BadRequest, InferenceService
 from gateway.workers import WorkerPool
@@ -210,7 +211,8 @@ class Gateway:
         c = self.config
         interceptors = [ApiKeyInterceptor(c.api_keys)] if c.api_keys else []
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-        svc = InferenceService(self.pool, c.limits, c.max_inflight, self.metrics)
+        self.front = Frontend(self.pool, c.limits, c.max_inflight, self.metrics)
+        svc = InferenceService(self.front)
         self.server.add_generic_rpc_handlers((inference_handler(svc),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -6,33 +6,22 @@ import asyncio
 import functools
 import time
 import uuid
-from dataclasses import dataclass
 
 import grpc
 
-from gateway.metrics import Metrics
-from gateway.workers import Stream, WorkerGone, WorkerPool
+from gateway.errors import Refused, from_exception
+from gateway.frontend import Frontend
 from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.pagedserve.v1 import inference_pb2 as pb
-from protos.requests import Limits, check_request_id, conversation, text_request
+from protos.requests import (
+    check_request_id,
+    conversation,
+    detokenize_call,
+    text_request,
+    tokenize_call,
+)
 from protos.sampling import SamplingParams
-
-STATUS = {
-    ipc_pb2.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ipc_pb2.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ipc_pb2.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ipc_pb2.INTERNAL: grpc.StatusCode.INTERNAL,
-    ipc_pb2.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-}
-FINISH = {
-    ipc_pb2.FINISH_STOP: pb.STOP,
-    ipc_pb2.FINISH_LENGTH: pb.LENGTH,
-    ipc_pb2.FINISH_STOP_SEQUENCE: pb.STOP_SEQUENCE,
-    ipc_pb2.FINISH_ABORT: pb.ABORTED,
-}
-TOKENIZE_TIMEOUT_S = 30.0
-
 
 DEADLINE_MARGIN_S = 0.1  # a stream cancelled this close to its deadline timed out
 
@@ -63,29 +52,10 @@ class BadRequest:
         self.error = error
 
 
-class _Aborted:
-    """Queued into a stream by the Abort RPC."""
-
-
-@dataclass(slots=True)
-class _IndexState:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_ms: float = 0.0
-    first_token_time: float | None = None
-    final: bool = False
-
-
 class InferenceService:
-    def __init__(
-        self, pool: WorkerPool, limits: Limits, max_inflight: int, metrics: Metrics
-    ) -> None:
-        self.pool, self.limits, self.max_inflight, self.metrics = (
-            pool,
-            limits,
-            max_inflight,
-            metrics,
-        )
+    def __init__(self, front: Frontend) -> None:
+        self.front = front
+        self.pool, self.limits, self.metrics = front.pool, front.limits, front.metrics
         self._aborted: set = set()  # contexts of calls _abort has counted, while they unwind
 
     # -- streaming -------------------------------------------------------------------------
@@ -106,130 +76,31 @@ class InferenceService:
     async def _stream(self, request, context, method: str):
         t0 = time.monotonic()
         await self._check_parsed(request, context, method)
-        info = await self._engine_info(context, request.model, method)
         rid = request.request_id or _metadata(context, "x-request-id") or uuid.uuid4().hex
         try:
+            info = self.front.engine_info(request.model)
             check_request_id(rid, self.limits)
             msg = text_request(request, rid, info, self.limits)
-        except InvalidRequestError as e:
-            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if rid in self.pool.streams:
-            await self._abort(
-                context,
-                method,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request_id {rid!r} is in flight",
-            )
-        if len(self.pool.streams) >= self.max_inflight:
-            await self._abort(
-                context,
-                method,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server is at its limit of {self.max_inflight} requests in flight; retry later",
-            )
-        worker = self.pool.pick()
-        if worker is None:
-            await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, "not ready")
-        # No await between the in-flight check above and open(): a concurrent request with the
-        # same id must see this one.
-        stream = self.pool.open(rid, worker, msg)
-        self.metrics.inflight.inc()
+            (stream,) = self.front.open([msg])
+        except (Refused, InvalidRequestError) as e:
+            await self._refuse(context, method, e)
         finished = False
         try:
             await context.send_initial_metadata((("x-request-id", rid),))
-            async for resp in self._relay(stream, msg.params.n or 1, t0, context, method):
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            async for resp in self.front.relay(stream, msg.params.n or 1, t0, deadline):
                 yield resp
             finished = True
             self.metrics.requests.labels(method, "OK").inc()
+        except Refused as e:
+            await self._refuse(context, method, e)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away or gRPC's own deadline fired: the task is cancelled.
             self._count_cancel(method, context)
             raise
         finally:
-            self.metrics.inflight.dec()
-            self.pool.close_stream(stream, abort=not finished)
-
-    async def _relay(self, stream: Stream, n: int, t0: float, context, method: str):
-        states = [_IndexState() for _ in range(n)]
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        while not all(s.final for s in states):
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                item = await asyncio.wait_for(stream.queue.get(), timeout)
-            except (asyncio.TimeoutError, TimeoutError):
-                await self._abort(
-                    context, method, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed"
-                )
-            if isinstance(item, _Aborted):
-                for i, s in enumerate(states):
-                    if not s.final:
-                        yield self._final_aborted(stream.request_id, i, s, t0)
-                return
-            if isinstance(item, ipc_pb2.RequestError):
-                await self._abort(
-                    context, method, STATUS.get(item.code, grpc.StatusCode.INTERNAL), item.message
-                )
-            for resp in self._responses(stream.request_id, item, states, t0):
-                yield resp
-
-    def _responses(self, rid: str, d: ipc_pb2.TextDelta, states: list[_IndexState], t0: float):
-        if d.index >= len(states) or states[d.index].final:
-            return
-        st = states[d.index]
-        now = time.monotonic()
-        if d.prompt_tokens:
-            st.prompt_tokens = d.prompt_tokens
-        if d.queue_ms:
-            st.queue_ms = d.queue_ms
-        st.completion_tokens += len(d.token_ids)
-        if d.text or d.token_ids:
-            if st.first_token_time is None:
-                if all(s.first_token_time is None for s in states):  # once per request
-                    self.metrics.ttft.observe(now - t0)
-                st.first_token_time = now
-            delta = pb.Delta(text=d.text, token_ids=d.token_ids)
-            for lp in d.logprobs:
-                tl = delta.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
-                for t in lp.top:
-                    tl.top.add(token_id=t.token_id, logprob=t.logprob, token=t.token)
-            yield pb.GenerateResponse(request_id=rid, index=d.index, delta=delta)
-        if d.finish_reason == ipc_pb2.FINISH_NONE:
-            return
-        st.final = True
-        final = pb.Final(
-            finish_reason=FINISH.get(d.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-            usage=pb.Usage(
-                prompt_tokens=d.prompt_tokens or st.prompt_tokens,
-                completion_tokens=d.completion_tokens,
-                cached_tokens=d.cached_tokens,
-            ),
-            timing=pb.Timing(
-                queue_ms=st.queue_ms,
-                ttft_ms=((st.first_token_time or now) - t0) * 1000.0,
-                total_ms=(now - t0) * 1000.0,
-            ),
-            prompt_token_ids=d.prompt_token_ids,
-        )
-        kind = d.WhichOneof("matched_stop")
-        if kind == "stop_str":
-            final.stop_str = d.stop_str
-        elif kind == "stop_token_id":
-            final.stop_token_id = d.stop_token_id
-        self.metrics.e2e.observe(now - t0)
-        yield pb.GenerateResponse(request_id=rid, index=d.index, final=final)
-
-    @staticmethod
-    def _final_aborted(rid: str, index: int, st: _IndexState, t0: float) -> pb.GenerateResponse:
-        now = time.monotonic()
-        final = pb.Final(
-            finish_reason=pb.ABORTED,
-            usage=pb.Usage(prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens),
-            timing=pb.Timing(
-                ttft_ms=((st.first_token_time or now) - t0) * 1000.0, total_ms=(now - t0) * 1000.0
-            ),
-        )
-        return pb.GenerateResponse(request_id=rid, index=index, final=final)
+            self.front.close(stream, finished)
 
     # -- unary -----------------------------------------------------------------------------
     @_counted
@@ -237,39 +108,28 @@ class InferenceService:
         await self._check_parsed(request, context, "Abort")
         resp = pb.AbortResponse()
         for rid in request.request_ids:
-            stream = self.pool.streams.get(rid)
-            if stream is None:
-                resp.not_found.append(rid)
-                continue
-            self.pool.abort(stream)
-            stream.queue.put_nowait(_Aborted())
-            resp.aborted.append(rid)
+            (resp.aborted if self.front.abort(rid) else resp.not_found).append(rid)
         return resp
 
     @_counted
     async def Tokenize(self, request, context):
         await self._check_parsed(request, context, "Tokenize")
-        info = await self._engine_info(context, request.model, "Tokenize")
-        call = ipc_pb2.TokenizeCall()
         kind = request.WhichOneof("input")
         try:
+            info = self.front.engine_info(request.model)
             if kind == "text":
-                if len(request.text) > self.limits.max_prompt_chars:
-                    raise InvalidRequestError(
-                        f"text has more than {self.limits.max_prompt_chars} characters"
-                    )
-                call.text = request.text
-                call.add_special_tokens = (
+                add_special = (
                     request.add_special_tokens if request.HasField("add_special_tokens") else True
                 )
+                call = tokenize_call(request.text, self.limits, add_special)
             elif kind == "messages":
                 msgs = request.messages
-                call.chat.CopyFrom(conversation(msgs.messages, msgs, self.limits))
+                call = ipc_pb2.TokenizeCall(chat=conversation(msgs.messages, msgs, self.limits))
             else:
                 raise InvalidRequestError("set text or messages")
-        except InvalidRequestError as e:
-            await self._abort(context, "Tokenize", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        res = await self._call(call, context, "Tokenize")
+            res = await self.front.call(call, context.time_remaining())
+        except (Refused, InvalidRequestError) as e:
+            await self._refuse(context, "Tokenize", e)
         return pb.TokenizeResponse(
             token_ids=res.token_ids,
             tokens=res.tokens,
@@ -281,22 +141,13 @@ class InferenceService:
     @_counted
     async def Detokenize(self, request, context):
         await self._check_parsed(request, context, "Detokenize")
-        info = await self._engine_info(context, request.model, "Detokenize")
-        bad = [t for t in request.token_ids if t >= info.vocab_size]
-        if bad:
-            await self._abort(
-                context,
-                "Detokenize",
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"token_ids outside the vocabulary [0, {info.vocab_size}): {bad[:8]}",
-            )
-        call = ipc_pb2.TokenizeCall(
-            detokenize=ipc_pb2.PromptIds(ids=request.token_ids),
-            skip_special_tokens=(
-                request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-            ),
-        )
-        res = await self._call(call, context, "Detokenize")
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        try:
+            info = self.front.engine_info(request.model)
+            call = detokenize_call(request.token_ids, info, skip)
+            res = await self.front.call(call, context.time_remaining())
+        except (Refused, InvalidRequestError) as e:
+            await self._refuse(context, "Detokenize", e)
         return pb.DetokenizeResponse(text=res.text)
 
     @_counted
@@ -310,7 +161,10 @@ class InferenceService:
     @_counted
     async def GetModelInfo(self, request, context):
         await self._check_parsed(request, context, "GetModelInfo")
-        info = await self._engine_info(context, request.model, "GetModelInfo")
+        try:
+            info = self.front.engine_info(request.model)
+        except Refused as e:
+            await self._refuse(context, "GetModelInfo", e)
         d = SamplingParams()
         out = pb.ModelInfo(
             id=info.model_id,
@@ -337,40 +191,9 @@ class InferenceService:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
-    async def _engine_info(self, context, model: str, method: str) -> ipc_pb2.EngineInfo:
-        info = self.pool.engine_info()
-        if info is None:
-            await self._abort(
-                context,
-                method,
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is not ready (model loading or a part down)",
-            )
-        if model and model != info.model_id:
-            await self._abort(
-                context,
-                method,
-                grpc.StatusCode.NOT_FOUND,
-                f"model {model!r} is not served here; this server serves {info.model_id!r}",
-            )
-        return info
-
-    async def _call(self, call: ipc_pb2.TokenizeCall, context, method: str):
-        remaining = context.time_remaining()
-        timeout = TOKENIZE_TIMEOUT_S if remaining is None else min(remaining, TOKENIZE_TIMEOUT_S)
-        try:
-            res = await self.pool.call(call, timeout)
-        except WorkerGone as e:
-            await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
-        except (asyncio.TimeoutError, TimeoutError):
-            await self._abort(
-                context, method, grpc.StatusCode.DEADLINE_EXCEEDED, "the tokenizer did not answer"
-            )
-        if res.error:
-            await self._abort(
-                context, method, STATUS.get(res.error, grpc.StatusCode.INTERNAL), res.error_message
-            )
-        return res
+    async def _refuse(self, context, method: str, e: Exception):
+        r = e if isinstance(e, Refused) else from_exception(e)
+        await self._abort(context, method, r.code, r.message)
 
     async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
         """Every refused or failed RPC ends here, so pagedserve_requests counts it."""

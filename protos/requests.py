@@ -175,30 +175,66 @@ def _prompt(
     if kind is None:
         raise InvalidRequestError("set the prompt: text or token_ids")
     if kind == "text":
-        if not req.text:
-            raise InvalidRequestError("text is empty")
-        if len(req.text) > limits.max_prompt_chars:
-            raise InvalidRequestError(
-                f"text has {len(req.text)} characters; the limit is {limits.max_prompt_chars}"
-            )
-        out.text = req.text
-        out.add_special_tokens = (
-            req.add_special_tokens if req.HasField("add_special_tokens") else True
-        )
-        return
-    ids = list(req.token_ids.ids)
+        add_special = req.add_special_tokens if req.HasField("add_special_tokens") else True
+        set_text_prompt(out, req.text, limits, add_special)
+    else:
+        set_ids_prompt(out, req.token_ids.ids, info)
+
+
+def set_text_prompt(
+    out: ipc_pb2.TextRequest, text: str, limits: Limits, add_special_tokens: bool = True
+) -> None:
+    """A text prompt, checked against the server's limits."""
+    if not text:
+        raise InvalidRequestError("the prompt text is empty")
+    _check_chars(text, limits)
+    out.text = text
+    out.add_special_tokens = add_special_tokens
+
+
+def set_ids_prompt(out: ipc_pb2.TextRequest, ids, info: ipc_pb2.EngineInfo) -> None:
+    """A prompt of token ids: in the vocabulary, shorter than the context."""
+    ids = list(ids)
     if not ids:
         raise InvalidRequestError("token_ids is empty")
     if len(ids) >= info.max_model_len:
         raise InvalidRequestError(
             f"the prompt has {len(ids)} tokens; the context length is {info.max_model_len}"
         )
-    bad = [t for t in ids if t >= info.vocab_size]
+    check_vocab(ids, info)
+    out.token_ids.ids.extend(ids)
+
+
+def check_vocab(ids, info: ipc_pb2.EngineInfo) -> None:
+    bad = [t for t in ids if not 0 <= t < info.vocab_size]
     if bad:
         raise InvalidRequestError(
             f"token_ids outside the vocabulary [0, {info.vocab_size}): {bad[:8]}"
         )
-    out.token_ids.ids.extend(ids)
+
+
+def _check_chars(text: str, limits: Limits) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"text has {len(text)} characters; the limit is {limits.max_prompt_chars}"
+        )
+
+
+def tokenize_call(
+    text: str, limits: Limits, add_special_tokens: bool = True
+) -> ipc_pb2.TokenizeCall:
+    _check_chars(text, limits)
+    return ipc_pb2.TokenizeCall(text=text, add_special_tokens=add_special_tokens)
+
+
+def detokenize_call(
+    ids, info: ipc_pb2.EngineInfo, skip_special_tokens: bool = True
+) -> ipc_pb2.TokenizeCall:
+    ids = list(ids)
+    check_vocab(ids, info)
+    return ipc_pb2.TokenizeCall(
+        detokenize=ipc_pb2.PromptIds(ids=ids), skip_special_tokens=skip_special_tokens
+    )
 
 
 def conversation(messages, req, limits: Limits) -> ipc_pb2.Conversation:

@@ -359,11 +359,20 @@ class Worker:
             if req.echo:
                 text = self.tokenizer.decode(act.prompt_ids, req.skip_special_tokens) + text
         d.token_ids.extend(out.token_ids)
+        tok = self.tokenizer
         for lp in out.logprobs:
-            tl = d.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+            tl = d.logprobs.add(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                token=self._token_text(lp.token_id),
+                bytes=tok.token_bytes(lp.token_id),
+            )
             for t in lp.top:
                 tl.top.add(
-                    token_id=t.token_id, logprob=t.logprob, token=self._token_text(t.token_id)
+                    token_id=t.token_id,
+                    logprob=t.logprob,
+                    token=self._token_text(t.token_id),
+                    bytes=tok.token_bytes(t.token_id),
                 )
         finish = out.finish_reason
         if seq.detok.stopped:

@@ -47,6 +47,8 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
+        self._byte_level = _uses_byte_level(json.loads(tok_file.read_text()).get("decoder"))
+        self._bytes_cache: dict[int, bytes] = {}
 
     @cached_property
     def special_ids(self) -> frozenset[int]:
@@ -63,6 +65,34 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for, which may be part of a UTF-8 character
+        (what OpenAI's logprobs report as ``bytes``): byte-level BPE spells bytes as printable
+        characters (GPT-2's table), SentencePiece has ``<0xNN>`` byte tokens and ``▁`` for a
+        space; added tokens stand for their own text."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        tok = self._tok.id_to_token(token_id) or ""
+        if token_id in self._added_ids:
+            out = tok.encode()
+        elif self._byte_level:
+            out = bytes(_UNICODE_TO_BYTE.get(c, 0x3F) for c in tok)  # '?' for a stray character
+        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            try:
+                out = bytes([int(tok[3:5], 16)])
+            except ValueError:
+                out = tok.encode()
+        else:
+            out = tok.replace("\u2581", " ").encode()
+        if len(self._bytes_cache) < 1 << 20:
+            self._bytes_cache[token_id] = out
+        return out
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.get_added_tokens_decoder())
 
     @cached_property
     def _template(self) -> jinja2.Template:
@@ -110,6 +140,31 @@ class Tokenizer:
             if i is not None:
                 ids.append(i)
         return ids
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the others for
+    the characters from U+0100 on, in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
+
+
+def _uses_byte_level(decoder: dict | None) -> bool:
+    """Whether tokenizer.json's decoder (or one in its Sequence) is ByteLevel."""
+    if not isinstance(decoder, dict):
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return any(_uses_byte_level(d) for d in decoder.get("decoders") or ())
 
 
 def _token_str(tok: object) -> str | None:

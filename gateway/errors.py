@@ -1,0 +1,74 @@
+"""Why a call is refused, and how each front says it: one table for gRPC and HTTP.
+
+Every refusal in the gateway is a ``Refused`` with a gRPC status code; the gRPC front aborts the
+call with that code, the OpenAI HTTP front answers with the HTTP status and error ``type`` the
+table gives for it (``{"error": {"message", "type", "param", "code"}}``, ``code`` being the gRPC
+status name, so both fronts' users see the same word). Errors that other processes report
+(``ipc_pb2.ErrorCode``) and the wire layer's typed errors map onto the same codes here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from protos.errors import InvalidRequestError, QueueFullError
+from protos.pagedserve.internal.v1 import ipc_pb2
+
+Code = grpc.StatusCode
+
+
+class Refused(Exception):
+    """A call the gateway refuses or fails, with the status code both fronts map."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+@dataclass(frozen=True, slots=True)
+class HttpStatus:
+    status: int
+    type: str  # OpenAI's error "type"
+
+
+# The one table: gRPC status code -> what the HTTP front answers.
+HTTP: dict[grpc.StatusCode, HttpStatus] = {
+    Code.INVALID_ARGUMENT: HttpStatus(400, "invalid_request_error"),
+    Code.UNAUTHENTICATED: HttpStatus(401, "authentication_error"),
+    Code.PERMISSION_DENIED: HttpStatus(403, "permission_error"),
+    Code.NOT_FOUND: HttpStatus(404, "not_found_error"),
+    Code.RESOURCE_EXHAUSTED: HttpStatus(429, "rate_limit_error"),
+    Code.CANCELLED: HttpStatus(499, "cancelled"),
+    Code.UNAVAILABLE: HttpStatus(503, "service_unavailable_error"),
+    Code.DEADLINE_EXCEEDED: HttpStatus(504, "timeout_error"),
+    Code.UNIMPLEMENTED: HttpStatus(501, "not_implemented_error"),
+    Code.INTERNAL: HttpStatus(500, "internal_error"),
+}
+
+# What the tokenizer workers and engines report for one request.
+FROM_IPC: dict[int, grpc.StatusCode] = {
+    ipc_pb2.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
+    ipc_pb2.RESOURCE_EXHAUSTED: Code.RESOURCE_EXHAUSTED,
+    ipc_pb2.UNAVAILABLE: Code.UNAVAILABLE,
+    ipc_pb2.INTERNAL: Code.INTERNAL,
+    ipc_pb2.NOT_FOUND: Code.NOT_FOUND,
+}
+
+
+def from_ipc(code: int, message: str) -> Refused:
+    return Refused(FROM_IPC.get(code, Code.INTERNAL), message)
+
+
+def from_exception(e: Exception) -> Refused:
+    """The wire layer's typed errors (raised while a request is mapped)."""
+    if isinstance(e, QueueFullError):
+        return Refused(Code.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, InvalidRequestError):
+        return Refused(Code.INVALID_ARGUMENT, str(e))
+    return Refused(Code.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def http_status(code: grpc.StatusCode) -> HttpStatus:
+    return HTTP.get(code, HTTP[Code.INTERNAL])

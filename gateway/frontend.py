@@ -1,0 +1,202 @@
+"""What the gRPC and HTTP fronts share: checks against the served model, the in-flight bound,
+opening a stream on a tokenizer worker, relaying its deltas as ``pb.GenerateResponse`` messages,
+tokenizer calls. Everything here raises ``Refused``; each front says it in its own protocol
+(``gateway/errors.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from gateway.errors import Code, Refused, from_ipc
+from gateway.metrics import Metrics
+from gateway.workers import Stream, WorkerGone, WorkerPool
+from protos.pagedserve.internal.v1 import ipc_pb2
+from protos.pagedserve.v1 import inference_pb2 as pb
+from protos.requests import Limits
+
+FINISH = {
+    ipc_pb2.FINISH_STOP: pb.STOP,
+    ipc_pb2.FINISH_LENGTH: pb.LENGTH,
+    ipc_pb2.FINISH_STOP_SEQUENCE: pb.STOP_SEQUENCE,
+    ipc_pb2.FINISH_ABORT: pb.ABORTED,
+}
+TOKENIZE_TIMEOUT_S = 30.0
+
+
+class Aborted:
+    """Queued into a stream by the Abort RPC: the relay ends every open index as ABORTED."""
+
+
+@dataclass(slots=True)
+class _IndexState:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    first_token_time: float | None = None
+    final: bool = False
+
+
+class Frontend:
+    def __init__(
+        self, pool: WorkerPool, limits: Limits, max_inflight: int, metrics: Metrics
+    ) -> None:
+        self.pool, self.limits, self.max_inflight, self.metrics = (
+            pool,
+            limits,
+            max_inflight,
+            metrics,
+        )
+
+    # -- checks ----------------------------------------------------------------------------
+    def engine_info(self, model: str = "") -> ipc_pb2.EngineInfo:
+        """The served model's info; ``model`` (when set) must name it."""
+        info = self.pool.engine_info()
+        if info is None:
+            raise Refused(
+                Code.UNAVAILABLE, "the server is not ready (model loading or a part down)"
+            )
+        if model and model != info.model_id:
+            raise Refused(
+                Code.NOT_FOUND,
+                f"model {model!r} is not served here; this server serves {info.model_id!r}",
+                param="model",
+            )
+        return info
+
+    # -- streams ---------------------------------------------------------------------------
+    def open(self, msgs: Sequence[ipc_pb2.TextRequest]) -> list[Stream]:
+        """Send the requests to one tokenizer worker each, all or none: their ids must be free
+        and the in-flight bound must leave room for all of them."""
+        ids = [m.request_id for m in msgs]
+        for rid in ids:
+            if rid in self.pool.streams or ids.count(rid) > 1:
+                raise Refused(Code.INVALID_ARGUMENT, f"request_id {rid!r} is in flight")
+        if len(self.pool.streams) + len(msgs) > self.max_inflight:
+            raise Refused(
+                Code.RESOURCE_EXHAUSTED,
+                f"the server is at its limit of {self.max_inflight} requests in flight; "
+                "retry later",
+            )
+        workers = [self.pool.pick() for _ in msgs]
+        if any(w is None for w in workers):
+            raise Refused(Code.UNAVAILABLE, "not ready")
+        # No await between the checks above and open(): a concurrent request with the same id
+        # must see these.
+        streams = [self.pool.open(m.request_id, w, m) for m, w in zip(msgs, workers)]
+        self.metrics.inflight.inc(len(streams))
+        return streams
+
+    def close(self, stream: Stream, finished: bool) -> None:
+        """Forget a stream; one that did not finish is aborted in the engine."""
+        self.metrics.inflight.dec()
+        self.pool.close_stream(stream, abort=not finished)
+
+    def abort(self, request_id: str) -> bool:
+        stream = self.pool.streams.get(request_id)
+        if stream is None:
+            return False
+        self.pool.abort(stream)
+        stream.queue.put_nowait(Aborted())
+        return True
+
+    async def relay(
+        self, stream: Stream, n: int, t0: float, deadline: float | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The stream's deltas as public messages, until every index has its final message.
+        ``deadline`` is a ``time.monotonic()`` time; past it: DEADLINE_EXCEEDED."""
+        states = [_IndexState() for _ in range(n)]
+        while not all(s.final for s in states):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise Refused(Code.DEADLINE_EXCEEDED, "the deadline passed") from None
+            if isinstance(item, Aborted):
+                for i, s in enumerate(states):
+                    if not s.final:
+                        yield _final_aborted(stream.request_id, i, s, t0)
+                return
+            if isinstance(item, ipc_pb2.RequestError):
+                raise from_ipc(item.code, item.message)
+            for resp in self._responses(stream.request_id, item, states, t0):
+                yield resp
+
+    def _responses(self, rid: str, d: ipc_pb2.TextDelta, states: list[_IndexState], t0: float):
+        if d.index >= len(states) or states[d.index].final:
+            return
+        st = states[d.index]
+        now = time.monotonic()
+        if d.prompt_tokens:
+            st.prompt_tokens = d.prompt_tokens
+        if d.queue_ms:
+            st.queue_ms = d.queue_ms
+        st.completion_tokens += len(d.token_ids)
+        if d.text or d.token_ids:
+            if st.first_token_time is None:
+                if all(s.first_token_time is None for s in states):  # once per request
+                    self.metrics.ttft.observe(now - t0)
+                st.first_token_time = now
+            delta = pb.Delta(text=d.text, token_ids=d.token_ids)
+            for lp in d.logprobs:
+                tl = delta.logprobs.add(
+                    token_id=lp.token_id, logprob=lp.logprob, token=lp.token, bytes=lp.bytes
+                )
+                for t in lp.top:
+                    tl.top.add(token_id=t.token_id, logprob=t.logprob, token=t.token, bytes=t.bytes)
+            yield pb.GenerateResponse(request_id=rid, index=d.index, delta=delta)
+        if d.finish_reason == ipc_pb2.FINISH_NONE:
+            return
+        st.final = True
+        final = pb.Final(
+            finish_reason=FINISH.get(d.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+            usage=pb.Usage(
+                prompt_tokens=d.prompt_tokens or st.prompt_tokens,
+                completion_tokens=d.completion_tokens,
+                cached_tokens=d.cached_tokens,
+            ),
+            timing=pb.Timing(
+                queue_ms=st.queue_ms,
+                ttft_ms=((st.first_token_time or now) - t0) * 1000.0,
+                total_ms=(now - t0) * 1000.0,
+            ),
+            prompt_token_ids=d.prompt_token_ids,
+        )
+        kind = d.WhichOneof("matched_stop")
+        if kind == "stop_str":
+            final.stop_str = d.stop_str
+        elif kind == "stop_token_id":
+            final.stop_token_id = d.stop_token_id
+        self.metrics.e2e.observe(now - t0)
+        yield pb.GenerateResponse(request_id=rid, index=d.index, final=final)
+
+    # -- tokenizer calls -------------------------------------------------------------------
+    async def call(
+        self, call: ipc_pb2.TokenizeCall, timeout: float | None = None
+    ) -> ipc_pb2.TokenizeResult:
+        """One Tokenize/Detokenize round trip to a worker (``timeout`` capped by the
+        tokenizer's own)."""
+        timeout = TOKENIZE_TIMEOUT_S if timeout is None else min(timeout, TOKENIZE_TIMEOUT_S)
+        try:
+            res = await self.pool.call(call, timeout)
+        except WorkerGone as e:
+            raise Refused(Code.UNAVAILABLE, str(e)) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise Refused(Code.DEADLINE_EXCEEDED, "the tokenizer did not answer") from None
+        if res.error:
+            raise from_ipc(res.error, res.error_message)
+        return res
+
+
+def _final_aborted(rid: str, index: int, st: _IndexState, t0: float) -> pb.GenerateResponse:
+    now = time.monotonic()
+    final = pb.Final(
+        finish_reason=pb.ABORTED,
+        usage=pb.Usage(prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens),
+        timing=pb.Timing(
+            ttft_ms=((st.first_token_time or now) - t0) * 1000.0, total_ms=(now - t0) * 1000.0
+        ),
+    )
+    return pb.GenerateResponse(request_id=rid, index=index, final=final)
