@@ -66,7 +66,7 @@ def from_exception(e: Exception) -> Refused:
     if isinstance(e, QueueFullError):
         return Refused(Code.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, InvalidRequestError):
-        return Refused(Code.INVALID_ARGUMENT, str(e))
+        return Refused(Code.INVALID_ARGUMENT, str(e), e.param)
     return Refused(Code.INTERNAL, f"{type(e).__name__}: {e}")
 
 

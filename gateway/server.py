@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.frontend import Frontend
+from gateway.http_api import HttpConfig, HttpServer, OpenAIApi, listen
 from gateway.metrics import Metrics
 from gateway.service import BadRequest, InferenceService
 from gateway.workers import WorkerPool
@@ -114,6 +115,13 @@ class GatewayConfig:
     grace_s: float = 5.0
     tls: TlsConfig | None = None  # None: plaintext
     ready_file: str | None = None  # touched while SERVING, removed otherwise (for `up`)
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API; None = off (0 = any port)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The HTTP body bound: room for the longest acceptable prompt as escaped JSON (up to
+        six bytes per character) plus the rest of the request."""
+        return 6 * self.limits.max_prompt_chars + (1 << 20)
 
 
 def _safe(cls):
@@ -205,7 +213,9 @@ class Gateway:
         self.metrics = Metrics(self.pool)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
         self.bound_port = 0
+        self.http_port = 0  # bound, once started (0: no HTTP API)
 
     async def start(self) -> None:
         c = self.config
@@ -235,15 +245,29 @@ class Gateway:
                 "still shutting down: retry in a few seconds)"
             )
         await self.server.start()
+        if c.http_port is not None:
+            await self._start_http()
         if c.metrics_port:
             self.metrics.serve(c.metrics_host, c.metrics_port)
         log.info(
-            "gateway listening on %s:%d (%s; workers at %s)",
+            "gateway listening on %s:%d for gRPC%s (%s; workers at %s)",
             c.host,
             self.bound_port,
+            f" and :{self.http_port} for HTTP (OpenAI API)" if self.http else "",
             "plaintext" if c.tls is None else "TLS" if not c.tls.client_ca else "mutual TLS",
             c.workers_address,
         )
+
+    async def _start_http(self) -> None:
+        c = self.config
+        try:
+            socks = listen(c.host, c.http_port)
+        except OSError as e:
+            raise PortInUseError(f"cannot listen on {c.host}:{c.http_port} (HTTP): {e}") from None
+        hc = HttpConfig(c.host, c.http_port, c.max_body_bytes, list(c.api_keys))
+        self.http = HttpServer(OpenAIApi(self.front, hc), hc, c.tls, c.grace_s)
+        await self.http.start(socks)
+        self.http_port = self.http.bound_port
 
     async def _set_health(self, ready: bool) -> None:
         status = (
@@ -266,8 +290,12 @@ class Gateway:
 
     async def stop(self) -> None:
         await self._set_health(False)
+        stops = []
         if self.server is not None:
-            await self.server.stop(self.config.grace_s)
+            stops.append(self.server.stop(self.config.grace_s))
+        if self.http is not None:
+            stops.append(self.http.stop())
+        await asyncio.gather(*stops)
         await self.pool.close()
 
     async def serve_forever(self) -> None:

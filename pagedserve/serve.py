@@ -77,21 +77,30 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument(
         "--host",
         default="localhost",
-        help="interface the gRPC server listens on (0.0.0.0 or [::] for all)",
+        help="interface the gRPC and HTTP servers listen on (0.0.0.0 or [::] for all)",
     )
     g.add_argument("--port", type=int_in(1, 65535), default=50051, help="gRPC port")
+    g.add_argument(
+        "--http-port",
+        type=int_in(0, 65535),
+        default=8000,
+        help="port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+        "...) on the same host, keys and TLS as gRPC (0 = off)",
+    )
     g.add_argument(
         "--api-key",
         action="append",
         default=None,
-        help="require 'authorization: Bearer KEY' (or 'x-api-key: KEY') metadata; repeat for "
-        "several keys (also read from $PAGEDSERVE_API_KEY); health and reflection stay open",
+        help="require 'authorization: Bearer KEY' (or 'x-api-key: KEY') metadata or HTTP "
+        "header; repeat for several keys (also read from $PAGEDSERVE_API_KEY); health, "
+        "reflection and HTTP /health and /metrics stay open",
     )
     g.add_argument(
         "--max-inflight",
         type=positive_int,
         default=1024,
-        help="most Generate/Chat streams open at once; more get RESOURCE_EXHAUSTED",
+        help="most generation requests in flight at once, gRPC and HTTP together; more get "
+        "RESOURCE_EXHAUSTED (HTTP 429)",
     )
     g.add_argument(
         "--default-max-tokens",
@@ -116,8 +125,8 @@ def add_gateway_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         "--tls-cert",
         default=None,
         metavar="PEM",
-        help="serve gRPC over TLS with this certificate chain, whose private key is the "
-        "TLS key below (default: plaintext)",
+        help="serve gRPC over TLS (and HTTPS on the HTTP port) with this certificate chain, "
+        "whose private key is the TLS key below (default: plaintext)",
     )
     g.add_argument("--tls-key", default=None, metavar="PEM", help="the TLS private key")
     g.add_argument(
@@ -292,6 +301,7 @@ def gateway_config(a: argparse.Namespace, workers_address: str, expect_workers: 
         limits=Limits(max_prompt_chars=a.max_prompt_chars, default_max_tokens=a.default_max_tokens),
         tls=tls_config(a),
         ready_file=getattr(a, "ready_file", None),
+        http_port=a.http_port or None,
     )
 
 
@@ -337,7 +347,7 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw = ["gateway", "--listen", addr.gateway, "--expect-workers", str(a.tokenizer_workers)]
     gw += ["--host", a.host, "--port", str(a.port), "--max-inflight", str(a.max_inflight)]
     gw += ["--default-max-tokens", str(a.default_max_tokens)]
-    gw += ["--max-prompt-chars", str(a.max_prompt_chars)]
+    gw += ["--max-prompt-chars", str(a.max_prompt_chars), "--http-port", str(a.http_port)]
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
     gw_env = {**os.environ, KEYS_FROM_UP: "\n".join(a.api_key or [])} if a.api_key else None
     if tls is not None:
@@ -449,13 +459,27 @@ def _announce_when_serving(
         flags = "-cacert CA.pem" + (
             " -cert CLIENT.pem -key CLIENT-KEY.pem" if a.tls_client_ca else ""
         )
+    http = ""
+    if a.http_port:
+        scheme = "http" if a.tls_cert is None else "https"
+        base = f"{scheme}://{_url_host(a.host)}:{a.http_port}/v1"
+        http = (
+            f"\n  OpenAI API on {base}: curl {base}/chat/completions -H 'content-type: "
+            'application/json\' -d \'{"messages": [{"role": "user", "content": "Hi"}]}\''
+        )
     print(
         f"pagedserve is serving on {where} (gRPC, {security}){replicas}{metrics}\n"
         f'  try: grpcurl {flags} -d \'{{"text": "Hello", "max_tokens": 16}}\' '
-        f"{where} pagedserve.v1.Inference/Generate\n  Ctrl-C stops everything.",
+        f"{where} pagedserve.v1.Inference/Generate{http}\n  Ctrl-C stops everything.",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        return "localhost"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _supervise(sup) -> int:

@@ -8,7 +8,12 @@ class PagedServeError(Exception):
 
 
 class InvalidRequestError(PagedServeError, ValueError):
-    """A request or parameter is malformed or out of range (gRPC INVALID_ARGUMENT)."""
+    """A request or parameter is malformed or out of range (gRPC INVALID_ARGUMENT).
+    ``param`` names the request field at fault where one is (OpenAI's error ``param``)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidRequestError):

@@ -3,9 +3,9 @@
 The gRPC front (``gateway/service.py``) calls ``text_request``. It takes the sampling fields
 the client set as a dict under their public names (vLLM's, which ``SamplingParams`` also
 uses; ``grpc_sampling_fields``), makes the dataclass from them (``sampling_params``) and the
-message from that (``internal_request``), then adds the prompt. The OpenAI HTTP front (issue
-13, not built yet) is to call ``sampling_params`` and ``internal_request`` the same way with
-the fields of its JSON body. Validation and defaults are the dataclass's (``protos.sampling``);
+message from that (``internal_request``), then adds the prompt (``set_text_prompt``,
+``set_ids_prompt``, ``conversation_of``). The OpenAI HTTP front (``gateway/openai_protocol.py``)
+calls the same functions with the fields of its JSON body. Validation and defaults are the dataclass's (``protos.sampling``);
 what is checked here is only what it cannot know (the served model's vocabulary and context,
 the server's limits, how the public API encodes "unset").
 
@@ -238,28 +238,36 @@ def detokenize_call(
 
 
 def conversation(messages, req, limits: Limits) -> ipc_pb2.Conversation:
-    if not messages:
-        raise InvalidRequestError("messages is empty")
-    if len(messages) > limits.max_messages:
-        raise InvalidRequestError(f"{len(messages)} messages; the limit is {limits.max_messages}")
-    total = 0
-    conv = ipc_pb2.Conversation(
-        add_generation_prompt=(
-            req.add_generation_prompt if req.HasField("add_generation_prompt") else True
+    """A gRPC Chat/Tokenize request's messages."""
+    add = req.add_generation_prompt if req.HasField("add_generation_prompt") else True
+    return conversation_of([(m.role, m.content) for m in messages], add, limits)
+
+
+def conversation_of(
+    turns: list[tuple[str, str]], add_generation_prompt: bool, limits: Limits
+) -> ipc_pb2.Conversation:
+    """Chat turns ``(role, content)`` checked against the server's limits."""
+    if not turns:
+        raise InvalidRequestError("messages is empty", "messages")
+    if len(turns) > limits.max_messages:
+        raise InvalidRequestError(
+            f"{len(turns)} messages; the limit is {limits.max_messages}", "messages"
         )
-    )
-    for i, m in enumerate(messages):
-        if not m.role:
-            raise InvalidRequestError(f"messages[{i}].role is empty")
-        if len(m.role) > MAX_ROLE_CHARS:
+    total = 0
+    conv = ipc_pb2.Conversation(add_generation_prompt=add_generation_prompt)
+    for i, (role, content) in enumerate(turns):
+        if not role:
+            raise InvalidRequestError(f"messages[{i}].role is empty", "messages")
+        if len(role) > MAX_ROLE_CHARS:
             raise InvalidRequestError(
-                f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters"
+                f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters", "messages"
             )
-        total += len(m.role) + len(m.content)  # the template copies both into the prompt
-        conv.messages.add(role=m.role, content=m.content)
+        total += len(role) + len(content)  # the template copies both into the prompt
+        conv.messages.add(role=role, content=content)
     if total > limits.max_prompt_chars:
         raise InvalidRequestError(
-            f"messages have {total} characters; the limit is {limits.max_prompt_chars}"
+            f"messages have {total} characters; the limit is {limits.max_prompt_chars}",
+            "messages",
         )
     return conv
 

@@ -37,6 +37,12 @@ class Stack:
     run_dir: Path
     log_path: Path
     creds: grpc.ChannelCredentials | None = None  # a server started with --tls-cert
+    http_port: int = 0  # the OpenAI-compatible HTTP API
+
+    @property
+    def base_url(self) -> str:
+        scheme = "http" if self.creds is None else "https"
+        return f"{scheme}://localhost:{self.http_port}/v1"
 
     @property
     def target(self) -> str:
@@ -100,13 +106,13 @@ def start_stack(
 
     ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY); ``creds``
     are the client's TLS credentials for a server started with ``--tls-cert`` in ``extra``."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     run_dir = tmp / "run"
     log_path = tmp / "up.log"
     argv = [
         sys.executable, "-m", "pagedserve.cli", "up",
         "--port", str(port), "--metrics-port", str(metrics_port),
-        "--run-dir", str(run_dir),
+        "--http-port", str(http_port), "--run-dir", str(run_dir),
     ]  # fmt: skip
     if api_key is not None:
         argv += ["--api-key", api_key]
@@ -116,7 +122,7 @@ def start_stack(
         env.pop("PAGEDSERVE_API_KEY", None)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path, creds)
+    stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path, creds, http_port)
     wait_serving(stack, timeout)
     return stack
 

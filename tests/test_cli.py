@@ -88,7 +88,7 @@ def test_gateway_on_a_taken_port_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
         r = _run(
             "gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-            "--listen", f"ipc://{tmp_path}/gw.sock", timeout=60,
+            "--http-port", "0", "--listen", f"ipc://{tmp_path}/gw.sock", timeout=60,
         )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
@@ -106,6 +106,7 @@ def test_second_gateway_on_the_same_port_is_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    argv += ["--http-port", "0"]
     first = subprocess.Popen(
         [sys.executable, "-m", "pagedserve.cli", *argv, "--listen", f"ipc://{tmp_path}/a.sock"],
         stderr=subprocess.PIPE, text=True,

@@ -56,9 +56,10 @@ class Gateway:
     """``pagedserve gateway`` alone (no workers: health answers NOT_SERVING)."""
 
     def __init__(self, tmp: Path, *flags: str) -> None:
-        self.port = free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.log = tmp / f"gateway-{self.port}.log"
         argv = [sys.executable, "-m", "pagedserve.cli", "gateway", "--port", str(self.port)]
+        argv += ["--http-port", str(self.http_port)]
         argv += ["--listen", f"ipc://{tmp}/gw-{self.port}.sock", "--metrics-port", "0", *flags]
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -158,7 +159,9 @@ def test_bad_tls_flags_stop_at_once_with_a_clear_error(certs, tmp_path, flags, m
     up = _pagedserve("up", "--port", str(free_port()), "--run-dir", str(tmp_path / "run"), *flags)
     assert up.returncode == 2 and message in up.stderr, up
     assert "engine" not in up.stderr  # nothing was started
-    gw = _pagedserve("gateway", "--port", str(free_port()), "--metrics-port", "0", *flags)
+    gw = _pagedserve(
+        "gateway", "--port", str(free_port()), "--metrics-port", "0", "--http-port", "0", *flags
+    )
     assert gw.returncode == 2 and message in gw.stderr, gw
 
 
