@@ -28,6 +28,7 @@ def node_client() -> Path:
             f"{' and '.join(missing)} not found on PATH: the Node.js client test needs them"
         )
     deps = [NODE_DIR / "node_modules" / "@grpc" / name for name in ("grpc-js", "proto-loader")]
+    deps.append(NODE_DIR / "node_modules" / "openai")
     if not all(d.is_dir() for d in deps):
         cmd = ["npm", "ci" if (NODE_DIR / "package-lock.json").exists() else "install"]
         cmd += ["--no-audit", "--no-fund"]

@@ -8,12 +8,14 @@ import asyncio
 import http.client
 import json
 import socket
+import subprocess
 
 import grpc
 import openai
 import pytest
 
 from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
+from tests.test_node_client import node_client  # noqa: F401 (a fixture)
 
 MODEL = "SmolLM2-135M-Instruct"
 HI = [{"role": "user", "content": "What is the capital of France?"}]
@@ -191,6 +193,31 @@ def test_async_client_streams_and_awaits_concurrently(stack):
 
     whole, text = asyncio.run(run())
     assert whole.choices[0].message.content and text
+
+
+def _node_chat(node_dir, stack, key: str, request: dict) -> dict:
+    r = subprocess.run(
+        ["node", str(node_dir / "openai_chat.js"), stack.base_url, key, json.dumps(request)],
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_node_openai_package_streams_chat(node_client, client, stack):  # noqa: F811
+    """The official `openai` npm package, from Node, streams the same greedy chat."""
+    req = {"model": MODEL, "messages": HI, "max_tokens": 16, "temperature": 0}
+    out = _node_chat(node_client, stack, stack.api_key, req)
+    assert out["error"] is None
+    chunks = out["chunks"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    r = client.chat.completions.create(**req)
+    assert text == r.choices[0].message.content
+    assert chunks[-1]["choices"][0]["finish_reason"] == r.choices[0].finish_reason
+    denied = _node_chat(node_client, stack, "wrong", req)
+    assert denied["error"]["status"] == 401
+    assert denied["error"]["name"] == "AuthenticationError"
 
 
 def test_errors_are_the_clients_exceptions(client, stack):
