@@ -49,9 +49,10 @@ ENV PAGEDSERVE_HOME=/models
 USER pagedserve
 WORKDIR /home/pagedserve
 
-# 50051 gRPC and 9400 Prometheus metrics (gateway); 5560 engine and 5561 gateway ZeroMQ.
-EXPOSE 50051 9400 5560 5561
+# 50051 gRPC, 8000 OpenAI-compatible HTTP and 9400 Prometheus metrics (gateway); 5560 engine
+# and 5561 gateway ZeroMQ.
+EXPOSE 50051 8000 9400 5560 5561
 
 ENTRYPOINT ["pagedserve"]
-# Alone (`docker run -p 50051:50051 pagedserve:cpu`), the image runs the whole stack.
+# Alone (`docker run -p 50051:50051 -p 8000:8000 pagedserve:cpu`), the image runs the whole stack.
 CMD ["up", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]

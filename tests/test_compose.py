@@ -140,14 +140,18 @@ def test_addresses_line_up(services):
     assert tok.tokenizer is None, "workers load the tokenizer from the path the engine reports"
     assert tok.tokenizer_workers == gw.expect_workers >= 1
 
-    # the gRPC and metrics servers listen on all interfaces, on the published ports
+    # the gRPC, HTTP and metrics servers listen on all interfaces, on the published ports
     assert gw.host == "0.0.0.0" and gw.metrics_host == "0.0.0.0"
     published = {}
     for p in services["gateway"]["ports"]:
         host_port, _, container_port = str(p).rpartition(":")
         published[int(container_port)] = int(host_port)
-    assert published == {gw.port: gw.port, gw.metrics_port: gw.metrics_port}
-    assert gw.port == 50051
+    assert published == {
+        gw.port: gw.port,
+        gw.metrics_port: gw.metrics_port,
+        gw.http_port: gw.http_port,
+    }
+    assert gw.port == 50051 and gw.http_port == 8000
     hc = _parse(services["gateway"]["healthcheck"]["test"][2:])
     assert hc.target == f"127.0.0.1:{gw.port}"
     # nothing but the gateway is reachable from outside
