@@ -13,6 +13,7 @@ engine: streaming or not, a watcher on the ASGI ``receive`` channel cancels the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -647,27 +648,42 @@ class HttpServer:
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening sockets for ``host`` (every address it resolves to: "localhost" is
-    127.0.0.1 and ::1, as gRPC binds it). Raises OSError when one cannot be bound."""
+    """Bound, listening sockets for ``host``: every address it resolves to ("localhost" is
+    127.0.0.1 and ::1, as gRPC binds it), skipping addresses this machine does not have (no
+    IPv6 in a container, say). Raises OSError when the port is taken or nothing was bound."""
     host = host.strip("[]")
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
     socks: list[socket.socket] = []
     seen = set()
-    both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
+    skipped: OSError | None = None
     try:
         for family, _, _, _, addr in infos:
             if (family, addr[0]) in seen:
                 continue
             seen.add((family, addr[0]))
-            s = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                s = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as e:  # the family itself is missing
+                skipped = e
+                continue
             socks.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # "::" alone serves IPv4 too
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if both else 0)
-            s.bind((addr[0], port, *addr[2:]))
+            try:
+                s.bind((addr[0], port, *addr[2:]))
+            except OSError as e:
+                if e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                socks.pop().close()
+                skipped = e
+                continue
             s.listen(1024)
             s.setblocking(False)
             port = s.getsockname()[1]  # with port 0, the others take the one the first got
+        if not socks:
+            raise skipped or OSError(f"{host!r} resolves to no address")
     except OSError:
         for s in socks:
             s.close()

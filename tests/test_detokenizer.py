@@ -494,3 +494,28 @@ def test_stop_string_reaching_past_min_tokens_counts(smol):
     detok = IncrementalDetokenizer(smol, [], stop=[stop], min_tokens=k + 1)
     text = "".join(detok.add([t]) for t in out[: k + 1])
     assert detok.stopped and text == " say "
+
+
+# --------------------------------------------------------------- token bytes (OpenAI logprobs)
+
+
+@pytest.mark.parametrize("text", ["Héllo wörld — 你好 🙂", "tabs\tand\nnew lines", "a  b   c"])
+def test_token_bytes_join_to_the_decoded_text(any_tok, text):
+    """Each token's bytes, joined, are the UTF-8 of the decoded text: byte-level BPE through
+    GPT-2's table, SentencePiece through <0xNN> byte tokens and the ▁ space mark."""
+    ids = out_ids(any_tok, text)
+    joined = b"".join(any_tok.token_bytes(i) for i in ids)
+    decoded = any_tok.decode(ids, skip_special_tokens=False)
+    if joined.startswith(b" ") and not decoded.startswith(" "):  # SentencePiece's first ▁
+        joined = joined[1:]
+    assert joined.decode() == decoded
+
+
+def test_token_bytes_of_split_characters_and_special_tokens(smol):
+    ids = out_ids(smol, "🙂")
+    assert len(ids) > 1  # one character over several tokens: each holds part of its bytes
+    assert b"".join(smol.token_bytes(i) for i in ids) == "🙂".encode()
+    with pytest.raises(UnicodeDecodeError):
+        smol.token_bytes(ids[0]).decode()
+    end = smol.token_id("<|im_end|>")
+    assert smol.token_bytes(end) == b"<|im_end|>"  # an added token stands for its text

@@ -4,14 +4,17 @@ run), ``pagedserve health`` over TLS, and clear errors for bad TLS files."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -77,9 +80,31 @@ class Gateway:
             stub = health_pb2_grpc.HealthStub(ch)
             return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
+    def https_health(self, certs: Path, ca: str = "ca.pem", client: bool = False) -> int:
+        """The HTTP status of GET /health over HTTPS, verifying the server with ``ca``."""
+        return _https_status(self.http_port, certs, "/health", ca, client)
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+
+def _ssl_context(certs: Path, ca: str = "ca.pem", client: bool = False) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(certs / ca))
+    if client:
+        ctx.load_cert_chain(certs / "client.pem", certs / "client.key")
+    return ctx
+
+
+def _https_status(port: int, certs: Path, path: str, ca: str = "ca.pem", client=False) -> int:
+    conn = http.client.HTTPSConnection(
+        "localhost", port, timeout=10, context=_ssl_context(certs, ca, client)
+    )
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 @pytest.fixture()
@@ -112,6 +137,15 @@ def test_tls_gateway_answers_only_over_tls_with_a_trusted_ca(certs, gateway):
     assert ok.returncode == 1 and ok.stdout.strip() == f"{target}: NOT_SERVING", ok
     plain = _pagedserve("health", "--target", target, "--timeout", "2")
     assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain
+    # the HTTP port is HTTPS with the same certificate (503: no workers, so not serving)
+    assert g.https_health(certs) == 503
+    with pytest.raises(ssl.SSLCertVerificationError):
+        g.https_health(certs, ca="other-ca.pem")
+    conn = http.client.HTTPConnection("localhost", g.http_port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):  # plaintext is refused
+        conn.request("GET", "/health")
+        conn.getresponse()
+    conn.close()
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(certs, gateway):
@@ -130,6 +164,9 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(certs, gateway):
         "--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key"),
     )  # fmt: skip
     assert ok.stdout.strip() == f"{target}: NOT_SERVING", ok
+    assert g.https_health(certs, client=True) == 503
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # no client certificate
+        g.https_health(certs)
 
 
 @pytest.mark.parametrize(
@@ -198,5 +235,16 @@ def test_up_with_tls_serves_generate_and_grpcurl(certs, tmp_path):
             [grpcurl, "-plaintext", stack.target, "list"], capture_output=True, timeout=60
         )
         assert plain.returncode != 0
+        # the OpenAI API over HTTPS, the official client verifying the certificate
+        assert "OpenAI API on https://localhost:" in stack.log()
+        http_client = openai.DefaultHttpxClient(verify=_ssl_context(certs))
+        with openai.OpenAI(
+            base_url=stack.base_url, api_key=stack.api_key, http_client=http_client
+        ) as client:
+            r = client.completions.create(
+                model="SmolLM2-135M-Instruct", prompt="Hello", max_tokens=4,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+        assert r.usage.completion_tokens == 4
     finally:
         assert stop_stack(stack) == 0, stack.log()
