@@ -1,29 +1,57 @@
-"""Serving benchmark: a gRPC load generator against the pagedserve stack, and the offline engine.
+"""Serving benchmark: a load generator (gRPC or OpenAI HTTP API) against the pagedserve stack,
+and the offline engine.
 
 Requests (random token-id prompts and output lengths, seeded; greedy, exactly ``max_tokens``
-tokens each with EOS ignored) are sent over one ``grpc.aio`` channel to ``Inference.Generate``
-at a Poisson or fixed request rate (``inf`` = all at once), optionally under a concurrency cap.
-From the client's clock, per request: TTFT (send to the first delta carrying tokens), ITL (gaps
-between deltas carrying tokens), TPOT ((last token time - first token time) / (tokens - 1)) and
-end-to-end latency; per run: requests/s and output tokens/s, and p50/p90/p99 of each latency.
+tokens each with EOS ignored) are sent at a Poisson or fixed request rate (``inf`` = all at
+once), optionally under a concurrency cap, through one of the gateway's fronts (``--api``):
+
+- ``grpc`` (default): ``Inference.Generate`` over one ``grpc.aio`` channel.
+- ``openai``: ``POST /v1/completions`` with the token ids as ``prompt``, ``ignore_eos`` at the
+  top level (vLLM's extra field), ``stream`` and ``stream_options.include_usage``, read as
+  server-sent events through one ``httpx2.AsyncClient`` (no retries, no connection limit,
+  one-hour timeouts).
+
+From the client's clock, per request: TTFT (send to the first delta, or SSE chunk, carrying
+tokens), ITL (gaps between deltas or chunks carrying tokens), TPOT ((last token time - first
+token time) / (tokens - 1)) and end-to-end latency; per run: requests/s and output tokens/s,
+and p50/p90/p99 of each latency. OpenAI chunks carry text, not token ids: a chunk carries
+tokens when it has text or no finish reason yet (pagedserve sends one per engine step, its
+text empty while the detokenizer holds back part of a character), and a request's output
+tokens are what its final usage chunk says (the chunks counted when there is none). A non-OK
+gRPC status, an HTTP error status (429 when the server is at its in-flight limit) or an error
+event in the stream is the request's error, and fails the run.
+
+Why plain httpx2 rather than the ``openai`` package's ``AsyncOpenAI`` (itself built on httpx2)
+for ``--api openai``: the client shares the CPUs with the server it measures, and
+``AsyncOpenAI`` builds pydantic objects from every chunk. On the 2-core dev machine (32
+streams of 64 tokens at once, float32 SmolLM2-135M) the client spent about 550 µs of CPU per
+chunk with ``AsyncOpenAI``, 265 µs with httpx2's SSE reader and ``json.loads``, and 120 µs per
+delta with ``grpc.aio``; ``AsyncOpenAI`` cost the stack about 3% of its output tokens/s. On the
+wire the requests are the JSON ``AsyncOpenAI`` sends (plus ``x-request-id``).
 
 The same requests first go through the offline engine (``engine_svc.LLM.generate``) in this
 process, before the stack starts so the two never share the CPU, with the same engine settings;
 the stack's output tokens/s at the highest load is compared with the offline figure (target:
 the stack keeps >= 90% of it). Results, with the machine, the command and the date, go to a
-section of ``docs/benchmarks.md``.
+section of ``docs/benchmarks.md``, one per API (so a gRPC and an OpenAI section sit side by
+side).
 
-Run it from the repo root on a quiet machine (it starts ``pagedserve up`` itself):
+Run it from the repo root on a quiet machine (it starts ``pagedserve up`` itself, on free
+ports for gRPC, metrics and HTTP whichever API is driven):
 
     python -m benchmarks.serving
+    python -m benchmarks.serving --api openai
 
 A smoke run (about 30 s, writes nothing unless --output is given):
 
     python -m benchmarks.serving --quick
 
-Against a server that is already running (its engine settings are then its own):
+Against a server that is already running (its engine settings are then its own): ``--target``
+is the gRPC address, or with ``--api openai`` the OpenAI API's base URL (a bare HOST:PORT
+means ``http://HOST:PORT/v1``):
 
     python -m benchmarks.serving --target localhost:50051
+    python -m benchmarks.serving --api openai --target http://localhost:8000/v1
 """
 
 from __future__ import annotations
@@ -31,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import math
 import os
 import resource
@@ -45,6 +74,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+import httpx2
 import numpy as np
 
 from benchmarks.offline_throughput import (
@@ -65,8 +95,11 @@ from protos.pagedserve.v1 import inference_pb2_grpc as pb_grpc
 
 SECTION_START = "<!-- serving:start -->"
 SECTION_END = "<!-- serving:end -->"
+OPENAI_SECTION_START = "<!-- serving-openai:start -->"  # the --api openai run's own section
+OPENAI_SECTION_END = "<!-- serving-openai:end -->"
 TARGET_RATIO = 0.90  # the stack should keep this share of the offline engine's throughput
 PERCENTILES = (50, 90, 99)
+APIS = ("grpc", "openai")  # the gateway's fronts the load generator can drive (--api)
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -189,7 +222,7 @@ def run_offline(llm, wl: Workload) -> OfflineResult:  # llm: engine_svc.LLM
     return OfflineResult(tokens, wall, steps)
 
 
-# -- gRPC client ---------------------------------------------------------------------------------
+# -- requests and runs ---------------------------------------------------------------------------
 
 
 @dataclass
@@ -198,17 +231,25 @@ class RequestRecord:
     prompt_len: int
     max_tokens: int
     send: float = 0.0  # perf_counter when the call was made
-    token_times: list[float] = field(default_factory=list)  # one per delta carrying tokens
+    token_times: list[float] = field(default_factory=list)  # per delta/chunk carrying tokens
     token_counts: list[int] = field(default_factory=list)  # tokens in each of those deltas
     end: float = 0.0
-    completion_tokens: int = 0  # as the final message's usage says
+    completion_tokens: int = 0  # as the final message's usage says (OpenAI: see chunked)
     cached_tokens: int = 0
     finish_reason: str = ""
     error: str | None = None
+    # OpenAI's chunks carry text, not token ids: token_counts are one per chunk carrying
+    # tokens, and completion_tokens is the usage chunk's count (else the chunks counted).
+    chunked: bool = False
 
     @property
     def streamed_tokens(self) -> int:
         return sum(self.token_counts)
+
+    @property
+    def output_tokens(self) -> int:
+        """The tokens in the deltas (gRPC), or as the usage says (OpenAI)."""
+        return self.completion_tokens if self.chunked else self.streamed_tokens
 
     @property
     def ttft(self) -> float:
@@ -216,7 +257,7 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        n = self.streamed_tokens
+        n = self.output_tokens
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
 
     @property
@@ -263,7 +304,7 @@ class ServingResult:
 
     @property
     def output_tokens(self) -> int:
-        return sum(r.streamed_tokens for r in self.ok)
+        return sum(r.output_tokens for r in self.ok)
 
     @property
     def requested_tokens(self) -> int:
@@ -301,9 +342,10 @@ class ServingResult:
         """Every request completed with exactly the tokens asked for; raise otherwise."""
         problems = self.errors
         for r in self.ok:
-            if r.streamed_tokens != r.max_tokens or r.completion_tokens != r.max_tokens:
+            if r.output_tokens != r.max_tokens or r.completion_tokens != r.max_tokens:
+                unit = "chunks" if r.chunked else "tokens"
                 problems.append(
-                    f"request {r.index}: streamed {r.streamed_tokens} tokens, usage says "
+                    f"request {r.index}: streamed {r.streamed_tokens} {unit}, usage says "
                     f"{r.completion_tokens}, asked {r.max_tokens} (finish {r.finish_reason})"
                 )
         if problems:
@@ -313,14 +355,197 @@ class ServingResult:
             )
 
 
+# -- clients: one per API ------------------------------------------------------------------------
+
+WARM_UP_PROMPTS = (list(range(200, 216)), list(range(300, 309)))
+
+
+class GrpcClient:
+    """``Inference.Generate`` over one ``grpc.aio`` channel."""
+
+    def __init__(self, target: str, api_key: str | None, timeout: float = 3600.0) -> None:
+        self.target, self.timeout = target, timeout
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    async def __aenter__(self) -> GrpcClient:
+        self.channel = grpc.aio.insecure_channel(self.target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    async def warm_up(self) -> None:
+        for ids in WARM_UP_PROMPTS:
+            req = pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=ids), max_tokens=4, temperature=0.0, ignore_eos=True
+            )
+            async for _ in self.stub.Generate(req, metadata=self.metadata, timeout=300):
+                pass
+
+    async def generate(self, rec: RequestRecord, prompt: list[int], request_id: str) -> None:
+        """One request, its timings and counts into ``rec``; a non-OK status is its error."""
+        try:
+            req = pb.GenerateRequest(
+                request_id=request_id,
+                token_ids=pb.TokenIds(ids=prompt),
+                max_tokens=rec.max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+            )
+            rec.send = time.perf_counter()
+            call = self.stub.Generate(req, metadata=self.metadata, timeout=self.timeout)
+            async for r in call:
+                now = time.perf_counter()
+                if r.HasField("delta"):
+                    if r.delta.token_ids:
+                        rec.token_times.append(now)
+                        rec.token_counts.append(len(r.delta.token_ids))
+                else:
+                    rec.completion_tokens = r.final.usage.completion_tokens
+                    rec.cached_tokens = r.final.usage.cached_tokens
+                    rec.finish_reason = pb.FinishReason.Name(r.final.finish_reason)
+            rec.end = time.perf_counter()
+            if not rec.finish_reason:
+                rec.error = "stream ended without a final message"
+        except grpc.aio.AioRpcError as e:
+            rec.end = time.perf_counter()
+            rec.error = f"{e.code().name}: {e.details()}"
+
+
+class OpenAIClient:
+    """``POST /v1/completions``, streamed as server-sent events, through one
+    ``httpx2.AsyncClient`` (why not ``openai.AsyncOpenAI``: the module's docstring)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout: float = 3600.0,
+        transport: httpx2.AsyncBaseTransport | None = None,  # tests: httpx2.MockTransport
+    ) -> None:
+        self.base_url, self.timeout, self.transport = base_url.rstrip("/"), timeout, transport
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model = ""  # the served model's id, from GET /models in warm_up()
+
+    async def __aenter__(self) -> OpenAIClient:
+        # No connection limit, so no request waits for a connection in the client's pool (the
+        # concurrency cap is run_load's); httpx2 never retries (its transport's retries are 0).
+        self.http = httpx2.AsyncClient(
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=httpx2.Timeout(self.timeout),
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=None),
+            transport=self.transport,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def warm_up(self) -> None:
+        r = await self.http.get("/models")
+        r.raise_for_status()
+        self.model = r.json()["data"][0]["id"]
+        for i, ids in enumerate(WARM_UP_PROMPTS):
+            rec = RequestRecord(-1, len(ids), 4)
+            await self.generate(rec, ids, f"warm-up-{i}")
+            if rec.error is not None:
+                raise RuntimeError(f"warm-up request failed: {rec.error}")
+
+    async def generate(self, rec: RequestRecord, prompt: list[int], request_id: str) -> None:
+        """One request, its timings and counts into ``rec``; an HTTP error status, an error
+        event in the stream or a transport error is its error."""
+        rec.chunked = True
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": rec.max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        headers = {"x-request-id": request_id}
+        rec.send = time.perf_counter()
+        try:
+            async with self.http.sse(
+                "/completions", method="POST", json=body, headers=headers
+            ) as events:
+                if events.response.status_code == 200:
+                    await _read_chunks(events, rec)
+                else:
+                    rec.error = _http_error(
+                        events.response.status_code, await events.response.aread()
+                    )
+        except (httpx2.HTTPError, ValueError) as e:  # transport errors, timeouts, bad JSON
+            rec.error = f"{type(e).__name__}: {e}"
+        rec.end = time.perf_counter()
+        if rec.error is None and not rec.finish_reason:
+            rec.error = "stream ended without a finish reason"
+
+
+async def _read_chunks(events: httpx2.EventSource, rec: RequestRecord) -> None:
+    """A chunk carries tokens when it has text or no finish reason yet: pagedserve's last chunk
+    has neither tokens nor text, vLLM's may carry the last token's text."""
+    usage = None
+    async for ev in events:
+        now = time.perf_counter()
+        if ev.data.startswith("[DONE]"):
+            continue  # the body ends next; read to its end so the connection is reused
+        chunk = json.loads(ev.data)
+        if chunk.get("error"):
+            rec.error = _error_text(chunk["error"])
+            return
+        for choice in chunk.get("choices") or ():
+            if choice.get("text") or choice.get("finish_reason") is None:
+                rec.token_times.append(now)
+                rec.token_counts.append(1)
+            rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
+        usage = chunk.get("usage") or usage
+    rec.completion_tokens = usage["completion_tokens"] if usage else rec.streamed_tokens
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    rec.cached_tokens = details.get("cached_tokens") or 0
+
+
+def _error_text(err: object) -> str:
+    """'CODE: message' from OpenAI's error object (pagedserve's codes are gRPC's names)."""
+    if not isinstance(err, dict):
+        return str(err)[:200]
+    return f"{err.get('code') or err.get('type')}: {err.get('message')}"
+
+
+def _http_error(status: int, body: bytes) -> str:
+    try:
+        return f"HTTP {status} {_error_text(json.loads(body)['error'])}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:200].decode(errors='replace')}"
+
+
+Client = GrpcClient | OpenAIClient
+
+
+def http_base_url(target: str) -> str:
+    """The OpenAI API's base URL: ``target`` itself, or ``http://HOST:PORT/v1`` for a bare
+    ``HOST:PORT``."""
+    return target.rstrip("/") if "://" in target else f"http://{target}/v1"
+
+
+def make_client(api: str, target: str, api_key: str | None) -> Client:
+    if api == "openai":
+        return OpenAIClient(http_base_url(target), api_key)
+    return GrpcClient(target, api_key)
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
 async def _one_request(
-    stub: pb_grpc.InferenceStub,
+    client: Client,
     rec: RequestRecord,
     prompt: list[int],
     release_at: float,
     sem: asyncio.Semaphore | None,
-    metadata: tuple[tuple[str, str], ...],
-    timeout: float,
     tag: str,
 ) -> None:
     delay = release_at - time.perf_counter()
@@ -329,47 +554,16 @@ async def _one_request(
     if sem is not None:
         await sem.acquire()
     try:
-        req = pb.GenerateRequest(
-            request_id=f"{tag}-{rec.index}",
-            token_ids=pb.TokenIds(ids=prompt),
-            max_tokens=rec.max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-        )
-        rec.send = time.perf_counter()
-        call = stub.Generate(req, metadata=metadata, timeout=timeout)
-        async for r in call:
-            now = time.perf_counter()
-            if r.HasField("delta"):
-                if r.delta.token_ids:
-                    rec.token_times.append(now)
-                    rec.token_counts.append(len(r.delta.token_ids))
-            else:
-                rec.completion_tokens = r.final.usage.completion_tokens
-                rec.cached_tokens = r.final.usage.cached_tokens
-                rec.finish_reason = pb.FinishReason.Name(r.final.finish_reason)
-        rec.end = time.perf_counter()
-        if not rec.finish_reason:
-            rec.error = "stream ended without a final message"
-    except grpc.aio.AioRpcError as e:
-        rec.end = time.perf_counter()
-        rec.error = f"{e.code().name}: {e.details()}"
+        await client.generate(rec, prompt, f"{tag}-{rec.index}")
     finally:
         if sem is not None:
             sem.release()
 
 
 async def run_load(
-    channel: grpc.aio.Channel,
-    wl: Workload,
-    load: LoadSpec,
-    seed: int,
-    metadata: tuple[tuple[str, str], ...] = (),
-    timeout: float = 3600.0,
-    tag: str = "bench",
+    client: Client, wl: Workload, load: LoadSpec, seed: int, tag: str = "bench"
 ) -> ServingResult:
-    """Send every request of ``wl`` at ``load`` over ``channel``; the records of all of them."""
-    stub = pb_grpc.InferenceStub(channel)
+    """Send every request of ``wl`` at ``load`` through ``client``; the records of all of them."""
     records = [
         RequestRecord(i, len(p), k) for i, (p, k) in enumerate(zip(wl.prompts, wl.output_lens))
     ]
@@ -378,22 +572,12 @@ async def run_load(
     start = time.perf_counter()
     await asyncio.gather(
         *(
-            _one_request(stub, rec, p, start + off, sem, metadata, timeout, tag)
+            _one_request(client, rec, p, start + off, sem, tag)
             for rec, p, off in zip(records, wl.prompts, offsets)
         )
     )
     duration = max(r.end for r in records) - start
     return ServingResult(load, records, duration)
-
-
-async def warm_up_stack(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
-    stub = pb_grpc.InferenceStub(channel)
-    for ids in (list(range(200, 216)), list(range(300, 309))):
-        req = pb.GenerateRequest(
-            token_ids=pb.TokenIds(ids=ids), max_tokens=4, temperature=0.0, ignore_eos=True
-        )
-        async for _ in stub.Generate(req, metadata=metadata, timeout=300):
-            pass
 
 
 # -- where the CPU went (Linux /proc) ------------------------------------------------------------
@@ -477,6 +661,7 @@ class Report:
     data_parallel_size: int = 1
     machine: str = ""
     model: str = "?"
+    api: str = "grpc"  # the front driven (one of APIS)
 
     @property
     def peak(self) -> ServingResult:
@@ -511,10 +696,16 @@ def run_benchmark(
     offline: bool = True,
     seed: int = 0,
     work_dir: Path | None = None,
+    api: str = "grpc",
 ) -> Report:
-    """Offline engine first (unless ``offline`` is False), then each load against the stack:
-    ``target`` if given, else a ``pagedserve up`` started here and stopped at the end. The
-    prompts are drawn from the model's vocabulary, hence the workload is made here."""
+    """Offline engine first (unless ``offline`` is False), then each load against the stack's
+    ``api`` front: ``target`` if given (with ``api="openai"``, the API's base URL or HOST:PORT),
+    else a ``pagedserve up`` started here and stopped at the end. The prompts are drawn from the
+    model's vocabulary, hence the workload is made here."""
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    if target is not None and api == "openai":
+        target = http_base_url(target)
     import torch
 
     from engine_svc import LLM
@@ -548,9 +739,10 @@ def run_benchmark(
                 if model is not None:
                     up += ["--model", str(model)]
                 _print(f"[stack] pagedserve up {shlex.join(up)} ...")
+                # On free ports for gRPC, metrics and HTTP (--http-port), whatever the API.
                 stack = start_stack(Path(tmp), *up, api_key=api_key)
-                target = stack.target
-            runs = asyncio.run(_drive(target, wl, loads, api_key, seed, stack))
+                target = stack.base_url if api == "openai" else stack.target
+            runs = asyncio.run(_drive(make_client(api, target, api_key), wl, loads, seed, stack))
         finally:
             if stack is not None:
                 from tests.serving_stack import stop_stack
@@ -566,28 +758,27 @@ def run_benchmark(
         data_parallel_size,
         machine,
         model_path.name if model_path else "?",
+        api,
     )
 
 
 async def _drive(
-    target: str,
+    client: Client,
     wl: Workload,
     loads: Sequence[LoadSpec],
-    api_key: str | None,
     seed: int,
     stack,  # tests.serving_stack.Stack | None
 ) -> list[ServingResult]:
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     root = stack.proc.pid if stack is not None else None
     metrics_port = stack.metrics_port if stack is not None else None
     runs = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        await warm_up_stack(channel, metadata)
+    async with client:
+        await client.warm_up()
         for k, load in enumerate(loads):
             _print(f"[stack] {load.label} ...")
             steps0 = scrape_engine_steps(metrics_port)
             cpu0 = stack_cpu_seconds(root)
-            res = await run_load(channel, wl, load, seed, metadata, tag=f"bench{k}")
+            res = await run_load(client, wl, load, seed, tag=f"bench{k}")
             res.cpu_s = _cpu_delta(cpu0, stack_cpu_seconds(root))
             await asyncio.sleep(0.3)  # the engine's stats reach the gateway with its outputs
             steps1 = scrape_engine_steps(metrics_port)
@@ -600,6 +791,45 @@ async def _drive(
 
 
 # -- report --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiText:
+    """How a report names the API it drove, so each API has its own section in the doc."""
+
+    markers: tuple[str, str]  # the section's start and end markers
+    title: str
+    row: str  # table rows: "{row}, {load}"
+    via: str  # "... output tok/s through {via}"
+    client: str
+    timings: str
+
+
+API_TEXT = {
+    "grpc": ApiText(
+        (SECTION_START, SECTION_END),
+        "Serving: gRPC stack vs the offline engine",
+        "gRPC stack",
+        "the gRPC stack",
+        "one `grpc.aio` channel",
+        "TTFT = call to the first delta carrying tokens; ITL = gaps between deltas carrying "
+        "tokens; TPOT = (last token − first token time) / (tokens − 1) per request; e2e = call "
+        "to the final message. Duration = first request released to the last final message.",
+    ),
+    "openai": ApiText(
+        (OPENAI_SECTION_START, OPENAI_SECTION_END),
+        "Serving: OpenAI HTTP API (`/v1/completions`, SSE) vs the offline engine",
+        "OpenAI API stack",
+        "the OpenAI HTTP API",
+        "one `httpx2.AsyncClient`, `POST /v1/completions` with token-id prompts, `stream` and "
+        "`stream_options.include_usage`",
+        "TTFT = request to the first SSE chunk carrying tokens (one with text or before the "
+        "finish reason); ITL = gaps between such chunks; output tokens = the final usage "
+        "chunk's count; TPOT = (last token − first token time) / (tokens − 1) per request; "
+        "e2e = request to the end of the stream. Duration = first request released to the "
+        "last stream's end.",
+    ),
+}
 
 
 TABLE_HEADER = (
@@ -620,7 +850,7 @@ def table_rows(rep: Report) -> list[str]:
         )
     for r in rep.runs:
         rows.append(
-            f"| gRPC stack, {r.load.label} | {len(r.ok)} | {r.duration_s:.2f} "
+            f"| {API_TEXT[rep.api].row}, {r.load.label} | {len(r.ok)} | {r.duration_s:.2f} "
             f"| {r.req_per_s:.2f} | {r.tok_per_s:,.1f} | {r.ttft.cell()} | {r.tpot.cell()} "
             f"| {r.itl.cell()} | {r.e2e.cell(1.0, '.1f')} |"
         )
@@ -632,7 +862,8 @@ def comparison(rep: Report) -> str:
         return "No offline comparison (--no-offline)."
     met = "met" if rep.ratio >= TARGET_RATIO else "**not met**"
     return (
-        f"**Stack vs offline:** {rep.peak.tok_per_s:,.1f} output tok/s through the gRPC stack "
+        f"**Stack vs offline:** {rep.peak.tok_per_s:,.1f} output tok/s through "
+        f"{API_TEXT[rep.api].via} "
         f"({rep.peak.load.label}) against {rep.offline.tps:,.1f} offline: "
         f"**{rep.ratio:.1%}** of the offline engine's throughput (target ≥ "
         f"{TARGET_RATIO:.0%}: {met})."
@@ -663,7 +894,7 @@ def notes(rep: Report) -> list[str]:
 
 
 def render_section(rep: Report, command: str) -> str:
-    wl = rep.workload
+    wl, api = rep.workload, API_TEXT[rep.api]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     where = (
         f"`pagedserve up` started by the benchmark ({rep.tokenizer_workers} tokenizer workers"
@@ -673,8 +904,8 @@ def render_section(rep: Report, command: str) -> str:
         else f"the server at `{rep.target}` (its own engine settings)"
     )
     lines = [
-        SECTION_START,
-        "## Serving: gRPC stack vs the offline engine",
+        api.markers[0],
+        f"## {api.title}",
         "",
         f"- Date: {date}",
         f"- Machine: {rep.machine}",
@@ -684,13 +915,10 @@ def render_section(rep: Report, command: str) -> str:
         f"- Workload: {wl.num_requests} requests, prompts {_span(wl.spec.prompt_range)} random "
         f"token ids, outputs {_span(wl.spec.output_range)} tokens ({wl.requested_tokens:,} "
         f"in all), greedy, EOS ignored; seeded, identical on both sides",
-        f"- Server: {where}; the client (one `grpc.aio` channel) runs on the same machine",
+        f"- Server: {where}; the client ({api.client}) runs on the same machine",
         "",
         "The offline engine runs first, in the benchmark's process, before the stack starts. "
-        "Client-side timings: TTFT = call to the first delta carrying tokens; ITL = gaps "
-        "between deltas carrying tokens; TPOT = (last token − first token time) / (tokens − 1) "
-        "per request; e2e = call to the final message. Duration = first request released to "
-        "the last final message.",
+        f"Client-side timings: {api.timings}",
         "",
         TABLE_HEADER,
         *table_rows(rep),
@@ -698,7 +926,7 @@ def render_section(rep: Report, command: str) -> str:
         comparison(rep),
         "",
         *[f"- {n}" for n in notes(rep)],
-        SECTION_END,
+        api.markers[1],
     ]
     return "\n".join(lines) + "\n"
 
@@ -788,10 +1016,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     g = ap.add_argument_group("server")
     g.add_argument(
+        "--api",
+        choices=APIS,
+        default="grpc",
+        help="the front the load generator drives: gRPC Inference.Generate, or the OpenAI "
+        "HTTP API (POST /v1/completions, streamed as SSE); each writes its own section",
+    )
+    g.add_argument(
         "--target",
         default=None,
-        metavar="HOST:PORT",
-        help="benchmark a running server instead of starting `pagedserve up`",
+        metavar="HOST:PORT|URL",
+        help="benchmark a running server instead of starting `pagedserve up`: its gRPC "
+        "address, or with --api openai its OpenAI API base URL (HOST:PORT means "
+        "http://HOST:PORT/v1)",
     )
     g.add_argument(
         "--api-key",
@@ -933,13 +1170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_parallel_size=args.data_parallel_size,
         offline=not args.no_offline,
         seed=args.seed,
+        api=args.api,
     )
     _print(f"benchmark took {time.perf_counter() - t0:.0f} s")
     section = render_section(rep, command)
-    print(section.replace(SECTION_START + "\n", "").replace(SECTION_END + "\n", ""))
+    start, end = API_TEXT[args.api].markers
+    print(section.replace(start + "\n", "").replace(end + "\n", ""))
     if args.output != "-":
         path = Path(args.output)
-        write_section(path, section, SECTION_START, SECTION_END)
+        write_section(path, section, start, end)
         _print(f"wrote {path}")
     return 0
 

@@ -34,8 +34,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
+    include_usage: StrictBool = False  # (vLLM's continuous_usage_stats is not implemented)
 
 
 class _Sampling(_Body):
