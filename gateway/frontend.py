@@ -61,7 +61,7 @@ class Frontend:
         if model and model != info.model_id:
             raise Refused(
                 Code.NOT_FOUND,
-                f"model {model!r} is not served here; this server serves {info.model_id!r}",
+                f"model {clip(model)} is not served here; this server serves {info.model_id!r}",
                 param="model",
             )
         return info
@@ -188,6 +188,17 @@ class Frontend:
         if res.error:
             raise from_ipc(res.error, res.error_message)
         return res
+
+
+ECHO_CHARS = 100  # the most of a client's string an error message repeats
+
+
+def clip(text: str) -> str:
+    """``text`` quoted for an error message, cut to ECHO_CHARS characters: a message goes back
+    in a gRPC trailer (8 KiB of metadata at most) and in HTTP error bodies."""
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
 
 
 def _final_aborted(rid: str, index: int, st: _IndexState, t0: float) -> pb.GenerateResponse:

@@ -349,7 +349,11 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     gw += ["--default-max-tokens", str(a.default_max_tokens)]
     gw += ["--max-prompt-chars", str(a.max_prompt_chars), "--http-port", str(a.http_port)]
     gw += ["--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host]
-    gw_env = {**os.environ, KEYS_FROM_UP: "\n".join(a.api_key or [])} if a.api_key else None
+    # Only the gateway checks keys: the others must not hold them (their environment is
+    # readable by the same user in /proc). $PAGEDSERVE_API_KEY goes to it with the flags' keys.
+    keys = api_keys(a)
+    os.environ.pop("PAGEDSERVE_API_KEY", None)
+    gw_env = {**os.environ, KEYS_FROM_UP: "\n".join(keys)} if keys else None
     if tls is not None:
         gw += ["--tls-cert", tls.cert, "--tls-key", tls.key]
         if tls.client_ca:

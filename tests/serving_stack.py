@@ -101,10 +101,12 @@ def start_stack(
     timeout: float = 300.0,
     api_key: str | None = "test-key",
     creds: grpc.ChannelCredentials | None = None,
+    env: dict[str, str] | None = None,
 ) -> Stack:
     """``pagedserve up`` on free ports with ``extra`` flags, once health says SERVING.
 
-    ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY); ``creds``
+    ``api_key=None`` starts it without a key (and without $PAGEDSERVE_API_KEY, unless ``env``,
+    variables added to the environment, sets it); ``creds``
     are the client's TLS credentials for a server started with ``--tls-cert`` in ``extra``."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     run_dir = tmp / "run"
@@ -117,9 +119,11 @@ def start_stack(
     if api_key is not None:
         argv += ["--api-key", api_key]
     argv += extra
+    extra_env = env or {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if api_key is None:
         env.pop("PAGEDSERVE_API_KEY", None)
+    env.update(extra_env)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     stack = Stack(proc, port, metrics_port, api_key, run_dir, log_path, creds, http_port)

@@ -33,6 +33,13 @@ def test_help_explains_every_flag(sub):
             assert nxt and not nxt.startswith("--"), f"flag without help: {s}"
 
 
+def test_version():
+    from importlib.metadata import version
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pagedserve {version('pagedserve')}"
+
+
 def test_generate_with_missing_model_is_a_clear_error(tmp_path):
     r = _run("generate", "hi", "--model", str(tmp_path / "nope"))
     assert r.returncode == 2
@@ -301,3 +308,36 @@ def test_build_kernels_when_they_are_turned_off():
     r = _build_kernels(PAGEDSERVE_CPU_KERNEL="0")
     assert r.returncode == 0
     assert "PAGEDSERVE_CPU_KERNEL=0" in r.stdout
+
+
+def test_only_the_gateway_holds_the_api_key(tmp_path):
+    """$PAGEDSERVE_API_KEY given to `up` reaches the gateway, which checks it, and no other
+    part: the engine's and the workers' environments (readable in /proc) do not hold it."""
+    from pathlib import Path
+
+    import grpc
+
+    from tests.serving_stack import pb, start_stack, stop_stack, stub
+
+    secret = "env-only-secret-key"
+    stack = start_stack(tmp_path, api_key=None, env={"PAGEDSERVE_API_KEY": secret})
+    try:
+        parts = {}
+        for line in stack.processes():
+            pid, args = line.split(None, 1)
+            part = args.split("pagedserve.cli ", 1)[1].split()[0]
+            parts.setdefault(part, []).append(Path(f"/proc/{pid}/environ").read_bytes())
+        assert sorted(parts) == ["engine", "gateway", "tokenizer", "up"]
+        assert len(parts["tokenizer"]) == 2
+        for part in ("engine", "tokenizer"):
+            assert all(secret.encode() not in env for env in parts[part]), part
+        assert secret.encode() in parts["gateway"][0]
+        with stack.channel() as ch:
+            req = pb.TokenizeRequest(text="hi")
+            with pytest.raises(grpc.RpcError) as e:
+                stub(ch).Tokenize(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            auth = (("authorization", f"Bearer {secret}"),)
+            assert stub(ch).Tokenize(req, metadata=auth, timeout=30).count >= 1
+    finally:
+        assert stop_stack(stack) == 0, stack.log()

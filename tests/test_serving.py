@@ -374,6 +374,8 @@ BAD_GENERATE = [
     ("no prompt", dict(), INVALID, "set the prompt"),
     ("empty token ids", dict(token_ids=pb.TokenIds(ids=[])), INVALID, "token_ids is empty"),
     ("unknown model", dict(text="hi", model="gpt-5"), "NOT_FOUND", "not served here"),
+    # echoed cut short: a 1 MB name in the status message would pass gRPC's metadata limit
+    ("huge model name", dict(text="hi", model="m" * 10**6), "NOT_FOUND", "(1000000 characters)"),
     ("temperature < 0", dict(text="hi", temperature=-1), INVALID, "temperature"),
     ("temperature absurd", dict(text="hi", temperature=1e9), INVALID, "temperature"),
     ("top_p 0", dict(text="hi", top_p=0), INVALID, "top_p"),
