@@ -387,7 +387,9 @@ def cmd_up(a: argparse.Namespace, engine_argv: list[str]) -> int:
     )
     where = f"{a.host}:{a.port}"
     announce = threading.Thread(
-        target=_announce_when_serving, args=(where, a, addr.engines, ready_file), daemon=True
+        target=_announce_when_serving,
+        args=(where, a, addr.engines, ready_file, bool(keys)),
+        daemon=True,
     )
     announce.start()
     try:
@@ -443,7 +445,7 @@ def _visible_gpus() -> list[str]:
 
 
 def _announce_when_serving(
-    where: str, a: argparse.Namespace, engines: list[str], ready_file: Path
+    where: str, a: argparse.Namespace, engines: list[str], ready_file: Path, keyed: bool
 ) -> None:
     # The gateway keeps ready_file while its health says SERVING (with TLS, a health call
     # from here could not verify a certificate made for another host name).
@@ -469,15 +471,26 @@ def _announce_when_serving(
         base = f"{scheme}://{_url_host(a.host)}:{a.http_port}/v1"
         http = (
             f"\n  OpenAI API on {base}: curl {base}/chat/completions -H 'content-type: "
-            'application/json\' -d \'{"messages": [{"role": "user", "content": "Hi"}]}\''
+            "application/json'"
+            + (" -H 'authorization: Bearer KEY'" if keyed else "")
+            + ' -d \'{"messages": [{"role": "user", "content": "Hi"}]}\''
         )
     print(
         f"pagedserve is serving on {where} (gRPC, {security}){replicas}{metrics}\n"
-        f'  try: grpcurl {flags} -d \'{{"text": "Hello", "max_tokens": 16}}\' '
+        f'  try: {_grpcurl()} {flags} -d \'{{"text": "Hello", "max_tokens": 16}}\' '
         f"{where} pagedserve.v1.Inference/Generate{http}\n  Ctrl-C stops everything.",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _grpcurl() -> str:
+    """grpcurl as the user can run it: on PATH, or the one setup installed beside this
+    Python (``.venv/bin``, not on PATH unless the venv is activated)."""
+    if shutil.which("grpcurl"):
+        return "grpcurl"
+    beside = Path(sys.executable).parent / "grpcurl"
+    return str(beside) if beside.exists() else "grpcurl"
 
 
 def _url_host(host: str) -> str:

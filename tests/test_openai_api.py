@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
+import shutil
 import socket
 import subprocess
+import time
 
 import grpc
 import openai
@@ -408,3 +411,12 @@ def test_http_and_grpc_share_one_server_process(stack):
     assert _raw(stack, "GET", "/health", key=False)[0] == 200
     gateways = [p for p in stack.processes() if "pagedserve.cli gateway " in p]
     assert len(gateways) == 1 and f"--http-port {stack.http_port}" in gateways[0]
+    # the ready banner names both, with commands that run as printed
+    end = time.monotonic() + 10
+    while "Ctrl-C stops everything" not in stack.log() and time.monotonic() < end:
+        time.sleep(0.2)
+    log = stack.log()
+    assert f"OpenAI API on http://localhost:{stack.http_port}/v1: curl " in log
+    assert "-H 'authorization: Bearer KEY'" in log  # the stack has a key
+    grpcurl = re.search(r"try: (\S+) -plaintext", log).group(1)
+    assert shutil.which(grpcurl), f"{grpcurl} is not a command the user can run"
