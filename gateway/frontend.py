@@ -80,12 +80,12 @@ class Frontend:
                 f"the server is at its limit of {self.max_inflight} requests in flight; "
                 "retry later",
             )
-        workers = [self.pool.pick() for _ in msgs]
-        if any(w is None for w in workers):
+        if self.pool.pick() is None:
             raise Refused(Code.UNAVAILABLE, "not ready")
-        # No await between the checks above and open(): a concurrent request with the same id
-        # must see these.
-        streams = [self.pool.open(m.request_id, w, m) for m, w in zip(msgs, workers)]
+        # No await between the checks above and the opens: a concurrent request with the same
+        # id must see these. One pick per open, so the prompts of one request spread over the
+        # workers by load.
+        streams = [self.pool.open(m.request_id, self.pool.pick(), m) for m in msgs]
         self.metrics.inflight.inc(len(streams))
         return streams
 

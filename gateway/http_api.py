@@ -66,6 +66,7 @@ class HttpConfig:
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024
     api_keys: list[str] = field(default_factory=list)
+    metrics: bool = True  # serve /metrics here too (off with the gateway's metrics endpoint)
 
 
 def _error(e: Refused, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -87,6 +88,7 @@ class OpenAIApi:
     def __init__(self, front: Frontend, config: HttpConfig) -> None:
         self.front, self.config = front, config
         self._keys = [k.encode() for k in config.api_keys]
+        self.live: set[_Generation] = set()  # generation requests being answered
         self.fingerprint = "fp_pagedserve"
         routes = [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -96,12 +98,21 @@ class OpenAIApi:
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.metrics, methods=["GET"]),
         ]
+        if config.metrics:
+            routes.append(Route("/metrics", self.metrics, methods=["GET"]))
         self.app = Starlette(
             routes=routes,
             exception_handlers={404: self._not_found, 405: self._bad_method, 500: self._internal},
         )
+
+    def shutting_down(self) -> None:
+        """End every generation being answered with UNAVAILABLE (an error event and
+        ``[DONE]`` in a stream, a 503 otherwise), before the server's grace period runs out and
+        cuts connections mid-response; their requests are aborted in the engine."""
+        reason = Refused(Code.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        for gen in list(self.live):
+            gen.stop(reason)
 
     # -- plumbing --------------------------------------------------------------------------
     async def _not_found(self, request: Request, exc) -> Response:
@@ -207,7 +218,9 @@ class OpenAIApi:
             self._count(method, "CANCELLED")
             return Response(status_code=499)
         if body.stream:
-            return _EventStream(gen.sse(first), headers, lambda code: self._count(method, code))
+            return _EventStream(
+                gen.sse(first), headers, lambda code: self._count(method, code), gen.outcome
+            )
         try:
             result = await _until_disconnected(request.receive, gen.collect(first))
         finally:
@@ -323,19 +336,23 @@ async def _until_disconnected(receive: Receive, work: Awaitable):
     watcher = asyncio.ensure_future(_disconnect(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
+    except BaseException:  # we are cancelled (server shutdown): so is the work, to its end
+        await _cancel(task)
         raise
     finally:
         watcher.cancel()
     if task in done:
         return task.result()
+    await _cancel(task)
+    return None
+
+
+async def _cancel(task: asyncio.Future) -> None:
     task.cancel()
     try:
-        await task
-    except (asyncio.CancelledError, Refused):
+        await asyncio.shield(task)
+    except BaseException:  # its CancelledError, or what it raised while it unwound
         pass
-    return None
 
 
 async def _disconnect(receive: Receive) -> None:
@@ -350,20 +367,25 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: dict, count) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: dict,
+        count: Callable[[str], None],
+        outcome: Callable[[], str],
+    ) -> None:
         self.status_code, self.background = 200, None
         self.init_headers({**SSE_HEADERS, **headers})  # no body: no content-length
-        self.events, self.count = events, count
+        self.events, self.count, self.outcome = events, count, outcome
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-
         async def pump() -> bool:
             async for data in self.events:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             return True
 
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             # The last (empty) body message is sent after the watch: once the response is
             # complete, the ASGI server answers receive() with a disconnect.
             done = await _until_disconnected(receive, pump())
@@ -373,7 +395,7 @@ class _EventStream(Response):
             done = None
         finally:
             await self.events.aclose()
-        self.count("OK" if done else "CANCELLED")
+        self.count(self.outcome() if done else "CANCELLED")
 
 
 class _Generation:
@@ -400,6 +422,8 @@ class _Generation:
         self._tasks = [asyncio.ensure_future(self._pump(i, s, t0)) for i, s in enumerate(streams)]
         self._open = len(streams)
         self._closed = False
+        self.error: Refused | None = None  # what a streamed response ended with
+        api.live.add(self)
         self._offsets: dict[int, int] = {}  # completions' text_offset per choice
 
     async def _pump(self, i: int, stream: Stream, t0: float) -> None:
@@ -409,8 +433,19 @@ class _Generation:
             self.finished[i] = True
         except Refused as e:
             await self._queue.put((i, e))
+        except Exception:
+            log.exception("relaying %s failed", stream.request_id)
+            await self._queue.put((i, Refused(Code.INTERNAL, "internal error (logged)")))
         finally:
             await self._queue.put((i, None))
+
+    def stop(self, reason: Refused) -> None:
+        """End the response with ``reason`` (the server is shutting down)."""
+        self._queue.put_nowait((0, reason))
+
+    def outcome(self) -> str:
+        """The status name a streamed response ended with (its error's, if one was sent)."""
+        return self.error.code.name if self.error is not None else "OK"
 
     async def _events(self) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
         """(choice index, message) across the prompts' streams, as they come."""
@@ -436,6 +471,7 @@ class _Generation:
         if self._closed:
             return
         self._closed = True
+        self.api.live.discard(self)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -510,6 +546,7 @@ class _Generation:
                 except StopAsyncIteration:
                     item = None
         except Refused as e:  # after the 200 went out: say it in the stream, as vLLM does
+            self.error = e
             st = http_status(e.code)
             err = {"message": e.message, "type": st.type, "param": e.param, "code": e.code.name}
             yield _sse({"error": err})
@@ -640,6 +677,7 @@ class HttpServer:
     async def stop(self) -> None:
         if self._server is None:
             return
+        self.api.shutting_down()
         self._server.should_exit = True
         if self._task is not None:
             await self._task

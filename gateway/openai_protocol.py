@@ -27,6 +27,10 @@ from protos.requests import (
 )
 
 Number = StrictInt | StrictFloat
+# Integers that travel in 32-bit message fields: bounded here, so a huge value is a 400 that
+# names the field (ranges within these are SamplingParams's to check).
+UInt32 = Annotated[StrictInt, Field(le=2**32 - 1)]
+Int32 = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class _Body(BaseModel):
@@ -34,7 +38,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: StrictBool = False  # (vLLM's continuous_usage_stats is not implemented)
+    include_usage: StrictBool | None = None  # (vLLM's continuous_usage_stats: not implemented)
 
 
 class _Sampling(_Body):
@@ -42,10 +46,10 @@ class _Sampling(_Body):
     which the official clients merge into the top level)."""
 
     model: StrictStr | None = None
-    stream: StrictBool = False
+    stream: StrictBool | None = None  # OpenAI's optional fields may be sent as null
     stream_options: StreamOptions | None = None
-    max_tokens: StrictInt | None = None
-    n: StrictInt | None = None
+    max_tokens: UInt32 | None = None
+    n: UInt32 | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     stop: StrictStr | list[StrictStr] | None = None
@@ -55,15 +59,15 @@ class _Sampling(_Body):
     logit_bias: dict[StrictStr, Number] | None = None
     user: StrictStr | None = None
     # vLLM's extra sampling fields
-    top_k: StrictInt | None = None
+    top_k: Int32 | None = None
     min_p: Number | None = None
     repetition_penalty: Number | None = None
-    min_tokens: StrictInt | None = None
+    min_tokens: UInt32 | None = None
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: StrictBool | None = None
     include_stop_str_in_output: StrictBool | None = None
-    priority: StrictInt = 0
+    priority: Int32 | None = None
     request_id: StrictStr | None = None
 
     def sampling_fields(self) -> dict[str, Any]:
@@ -174,11 +178,11 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool = False
+    max_completion_tokens: UInt32 | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    add_generation_prompt: StrictBool = True
-    echo: StrictBool = False
+    add_generation_prompt: StrictBool | None = None
+    echo: StrictBool | None = None
 
     def internal(
         self, request_id: str, info: ipc_pb2.EngineInfo, limits: Limits
@@ -194,9 +198,10 @@ class ChatCompletionRequest(_Sampling):
         if self.echo:
             raise InvalidRequestError("echo is not supported on chat completions", "echo")
         sp = sampling_params(fields, info.vocab_size)
-        out = internal_request(request_id, sp, limits, priority=self.priority)
+        out = internal_request(request_id, sp, limits, priority=self.priority or 0)
         turns = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
-        out.chat.CopyFrom(conversation_of(turns, self.add_generation_prompt, limits))
+        add = self.add_generation_prompt is not False
+        out.chat.CopyFrom(conversation_of(turns, add, limits))
         return out
 
 
@@ -206,9 +211,9 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: StrictInt | None = None
-    echo: StrictBool = False
+    echo: StrictBool | None = None
     best_of: StrictInt | None = None
-    add_special_tokens: StrictBool = True
+    add_special_tokens: StrictBool | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or token ids."""
@@ -235,10 +240,12 @@ class CompletionRequest(_Sampling):
         if self.logprobs is not None:
             fields["logprobs"] = self.logprobs
         sp = sampling_params(fields, info.vocab_size)
-        out = internal_request(request_id, sp, limits, echo=self.echo, priority=self.priority)
+        out = internal_request(
+            request_id, sp, limits, echo=bool(self.echo), priority=self.priority or 0
+        )
         try:
             if isinstance(prompt, str):
-                set_text_prompt(out, prompt, limits, self.add_special_tokens)
+                set_text_prompt(out, prompt, limits, self.add_special_tokens is not False)
             else:
                 set_ids_prompt(out, prompt, info)
         except InvalidRequestError as e:

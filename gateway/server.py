@@ -264,7 +264,7 @@ class Gateway:
             socks = listen(c.host, c.http_port)
         except OSError as e:
             raise PortInUseError(f"cannot listen on {c.host}:{c.http_port} (HTTP): {e}") from None
-        hc = HttpConfig(c.host, c.http_port, c.max_body_bytes, list(c.api_keys))
+        hc = HttpConfig(c.host, c.http_port, c.max_body_bytes, list(c.api_keys), c.metrics_port > 0)
         self.http = HttpServer(OpenAIApi(self.front, hc), hc, c.tls, c.grace_s)
         await self.http.start(socks)
         self.http_port = self.http.bound_port

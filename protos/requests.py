@@ -155,9 +155,13 @@ def internal_request(
 ) -> ipc_pb2.TextRequest:
     """The internal message for validated params, without its prompt (the caller sets it:
     ``text``/``token_ids``/``chat``)."""
+    try:
+        params = params_to_proto(sp)
+    except ValueError as e:  # a number too large for its message field
+        raise InvalidRequestError(f"a sampling field is out of range: {e}") from None
     return ipc_pb2.TextRequest(
         request_id=request_id,
-        params=params_to_proto(sp),
+        params=params,
         stop=sp.stop,
         include_stop_str_in_output=sp.include_stop_str_in_output,
         skip_special_tokens=sp.skip_special_tokens,

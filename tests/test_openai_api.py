@@ -361,6 +361,14 @@ BAD = [
      400, "echo"),
     ("unknown model", "/v1/completions", b'{"prompt": "x", "model": "nope"}', 404,
      "not served here"),
+    ("max_tokens over 32 bits", "/v1/completions", b'{"prompt": "x", "max_tokens": 1099511627776}',
+     400, "max_tokens"),
+    ("priority over 32 bits", "/v1/completions", b'{"prompt": "x", "priority": -1099511627776}',
+     400, "priority"),
+    ("top_k over 32 bits", "/v1/completions", b'{"prompt": "x", "top_k": 2147483648}', 400,
+     "top_k"),
+    ("min_tokens over 32 bits", "/v1/completions", b'{"prompt": "x", "min_tokens": 8589934592}',
+     400, "min_tokens"),
     ("unknown route", "/v1/embeddings", b'{"input": "x"}', 404, "no route"),
 ]  # fmt: skip
 
@@ -371,6 +379,22 @@ def test_bad_input_gets_the_documented_status(stack, path, body, status, message
     assert got == status, out
     err = out["error"]
     assert message in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_optional_fields_may_be_null(stack):
+    """OpenAI's spec marks these nullable; generated clients send null for unset fields."""
+    body = {
+        "model": MODEL, "messages": HI, "max_tokens": 2, "stream": None, "logprobs": None,
+        "top_logprobs": None, "stream_options": None, "n": None, "temperature": None,
+        "stop": None, "seed": None, "echo": None, "priority": None, "user": None,
+        "add_generation_prompt": None,
+    }  # fmt: skip
+    status, out, _ = _raw(stack, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200 and out["usage"]["completion_tokens"] <= 2, out
+    body = {"prompt": "x", "max_tokens": 2, "echo": None, "logprobs": None, "stream": None,
+            "add_special_tokens": None, "best_of": None}  # fmt: skip
+    status, out, _ = _raw(stack, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200 and out["usage"]["completion_tokens"] <= 2, out
 
 
 def test_huge_bodies_are_refused_with_413_before_they_are_read(stack):
@@ -420,3 +444,46 @@ def test_http_and_grpc_share_one_server_process(stack):
     assert "-H 'authorization: Bearer KEY'" in log  # the stack has a key
     grpcurl = re.search(r"try: (\S+) -plaintext", log).group(1)
     assert shutil.which(grpcurl), f"{grpcurl} is not a command the user can run"
+
+
+def test_shutdown_ends_open_generations_with_unavailable(tmp_path):
+    """Ctrl-C while HTTP generations run: a stream gets an error event and [DONE], a
+    non-streamed request a 503, both in OpenAI's shape, and the stack exits 0."""
+    s = start_stack(tmp_path)
+    results: dict[str, object] = {}
+    long = {"model": MODEL, "prompt": "Write:", "max_tokens": 4000, "ignore_eos": True}
+
+    def streamed():
+        with openai.OpenAI(base_url=s.base_url, api_key=s.api_key, max_retries=0) as c:
+            events = []
+            kw = {k: v for k, v in long.items() if k != "ignore_eos"}
+            with c.completions.create(**kw, stream=True, extra_body={"ignore_eos": True}) as stream:
+                try:
+                    for chunk in stream:
+                        events.append(chunk)
+                except openai.APIError as e:  # the client raises the error event
+                    results["stream_error"] = e
+            results["stream_chunks"] = events
+
+    def whole():
+        status, out, _ = _raw(s, "POST", "/v1/completions", json.dumps(long).encode())
+        results["whole"] = (status, out)
+
+    import threading
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=whole)]
+    for t in threads:
+        t.start()
+    try:
+        s.wait_metric("pagedserve_engine_num_running", lambda v: v == 2, timeout=60)
+    finally:
+        code = stop_stack(s)
+    for t in threads:
+        t.join(60)
+    assert code == 0, s.log()
+    assert results["stream_chunks"], "the stream was running"
+    err = results["stream_error"]
+    assert "shutting down" in str(err), err
+    status, out = results["whole"]
+    assert status == 503 and out["error"]["code"] == "UNAVAILABLE", out
+    assert "Traceback" not in s.log(), s.log()
