@@ -203,6 +203,7 @@ class OpenAIApi:
         else:
             prompts = body.prompts()
             ids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
+            check_request_id(ids[-1], self.front.limits)  # the longest one
             msgs = [body.internal(r, p, info, self.front.limits) for r, p in zip(ids, prompts)]
         n = msgs[0].params.n or 1
         streams = self.front.open(msgs)
