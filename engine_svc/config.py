@@ -40,6 +40,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_waiting: int = 4096
+    long_prefill_chunk: int | None = None  # see SchedulerConfig; None = max_num_batched_tokens/4
     enable_prefix_caching: bool = True
     seed: int = 0
     progress: bool = True  # progress bars on model fetch and load
@@ -67,6 +68,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.long_prefill_chunk is not None and self.long_prefill_chunk < 0:
+            raise InvalidRequestError(
+                f"long_prefill_chunk must be >= 0 (0 = off), got {self.long_prefill_chunk}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

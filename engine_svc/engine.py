@@ -149,6 +149,7 @@ class LLMEngine:
                 max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
                 max_waiting=config.max_waiting,
                 max_model_len=max_len,
+                long_prefill_chunk=config.long_prefill_chunk,
             ),
             self.block_manager,
         )

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from pagedserve.serve import positive_int
+from pagedserve.serve import int_in, positive_int
 from protos.errors import PagedServeError
 
 
@@ -84,6 +84,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget of one step (long prompts are prefilled in chunks of this size)",
     )
     g.add_argument(
+        "--long-prefill-chunk",
+        type=int_in(0, 1 << 30),
+        default=None,
+        metavar="TOKENS",
+        help="while other requests run or wait, a prompt is prefilled at most this many tokens "
+        "per step, so a long prompt does not hold up new requests' first tokens and running "
+        "ones' next tokens (default: a quarter of the step's token budget; 0 = off)",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="do not reuse KV blocks of identical prompt prefixes",
@@ -120,6 +129,8 @@ def _engine_argv(a: argparse.Namespace) -> list[str]:
     argv = ["--dtype", a.dtype, "--load-format", a.load_format, "--block-size", str(a.block_size)]
     argv += ["--max-num-seqs", str(a.max_num_seqs), "--seed", str(a.seed)]
     argv += ["--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+    if a.long_prefill_chunk is not None:
+        argv += ["--long-prefill-chunk", str(a.long_prefill_chunk)]
     argv += ["--device", a.device, "--gpu-memory-utilization", str(a.gpu_memory_utilization)]
     argv += ["--kv-cache-dtype", a.kv_cache_dtype]
     if a.enforce_eager:
@@ -157,6 +168,7 @@ def _engine_kwargs(a: argparse.Namespace) -> dict:
         max_model_len=a.max_model_len,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        long_prefill_chunk=a.long_prefill_chunk,
         enable_prefix_caching=not a.no_prefix_caching,
         seed=a.seed,
         num_threads=a.num_threads,

@@ -51,8 +51,9 @@ def make_sched(
     max_waiting: int = 4096,
     max_model_len: int = 1024,
     prefix_caching: bool = True,
+    long_prefill_chunk: int | None = 0,  # off: most tests pin the budget arithmetic alone
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, budget, max_waiting, max_model_len)
+    config = SchedulerConfig(max_num_seqs, budget, max_waiting, max_model_len, long_prefill_chunk)
     return Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
 
 
@@ -181,6 +182,50 @@ def test_decodes_go_first_and_share_the_step_with_a_prefill_chunk() -> None:
         [("a", 1, True), ("b", 1, True), ("c", 1, True), ("d", 13, False)],
     ]
     assert len(sched.bm.block_table("d")) == 4  # 15 slots
+
+
+def test_a_long_prefill_shares_the_step_with_requests_that_arrive() -> None:
+    """Head-of-line blocking: a long prompt alone takes the whole budget; once others wait,
+    it gets long_prefill_chunk tokens a step and they are admitted beside it."""
+    sched = make_sched(256, 4, budget=64, max_model_len=512, long_prefill_chunk=16)
+    runner = FakeRunner(sched)
+    sched.add_request(make_req("long", toks(1000, 300), 0, max_tokens=4))
+    assert runner.step().seqs == [("long", 64, False)]  # alone: the whole budget
+    sched.add_request(make_req("s1", toks(10, 5), 1, max_tokens=3))
+    sched.add_request(make_req("s2", toks(20, 30), 2, max_tokens=3))
+    # long is capped; s1 fits whole, s2 (a long prompt too) gets at most the cap
+    assert runner.step().seqs == [("long", 16, False), ("s1", 5, True), ("s2", 16, False)]
+    assert runner.step().seqs == [("long", 16, False), ("s1", 1, True), ("s2", 14, True)]
+    for _ in range(2):
+        runner.step()  # s1 and s2 decode to their max_tokens and finish
+    assert "s1" not in sched.requests and "s2" not in sched.requests
+    done = 64 + 16 * 4
+    assert runner.step().seqs == [("long", min(64, 300 - done), False)]  # alone again
+
+
+def test_long_prefill_chunk_caps_an_admission_beside_running_decodes() -> None:
+    sched = make_sched(256, 4, budget=64, max_model_len=512, long_prefill_chunk=16)
+    runner = FakeRunner(sched)
+    sched.add_request(make_req("d", toks(10, 4), 0, max_tokens=50))
+    runner.step()
+    sched.add_request(make_req("long", toks(1000, 100), 1, max_tokens=2))
+    assert runner.step().seqs == [("d", 1, True), ("long", 16, False)]
+
+
+def test_long_prefill_chunk_off_lets_a_long_prompt_hold_the_budget() -> None:
+    sched = make_sched(256, 4, budget=64, max_model_len=512, long_prefill_chunk=0)
+    runner = FakeRunner(sched)
+    sched.add_request(make_req("long", toks(1000, 300), 0, max_tokens=4))
+    runner.step()
+    sched.add_request(make_req("s1", toks(10, 5), 1, max_tokens=3))
+    assert runner.step().seqs == [("long", 64, False)]  # s1 waits for the whole prefill
+
+
+def test_long_prefill_chunk_defaults_to_a_quarter_of_the_budget() -> None:
+    assert SchedulerConfig(max_num_batched_tokens=2048).long_prefill_chunk == 512
+    assert SchedulerConfig(max_num_batched_tokens=3).long_prefill_chunk == 1
+    with pytest.raises(ValueError):
+        SchedulerConfig(long_prefill_chunk=-1)
 
 
 def test_budget_is_split_over_several_new_prefills() -> None:
