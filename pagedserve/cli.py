@@ -88,9 +88,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         type=int_in(0, 1 << 30),
         default=None,
         metavar="TOKENS",
-        help="while other requests run or wait, a prompt is prefilled at most this many tokens "
-        "per step, so a long prompt does not hold up new requests' first tokens and running "
-        "ones' next tokens (default: a quarter of the step's token budget; 0 = off)",
+        help="a prompt is prefilled at most this many tokens per step, so a long prompt does "
+        "not hold up new requests' first tokens and running ones' next tokens for a whole "
+        "step's budget (default: a quarter of the step's token budget; 0 = off)",
     )
     g.add_argument(
         "--no-prefix-caching",

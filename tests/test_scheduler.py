@@ -184,23 +184,23 @@ def test_decodes_go_first_and_share_the_step_with_a_prefill_chunk() -> None:
     assert len(sched.bm.block_table("d")) == 4  # 15 slots
 
 
-def test_a_long_prefill_shares_the_step_with_requests_that_arrive() -> None:
-    """Head-of-line blocking: a long prompt alone takes the whole budget; once others wait,
-    it gets long_prefill_chunk tokens a step and they are admitted beside it."""
+def test_a_long_prefill_goes_in_chunks_that_leave_room_for_arrivals() -> None:
+    """Head-of-line blocking: a long prompt is prefilled long_prefill_chunk tokens a step, so
+    a request that arrives meanwhile is admitted in the next step, beside the next chunk."""
     sched = make_sched(256, 4, budget=64, max_model_len=512, long_prefill_chunk=16)
     runner = FakeRunner(sched)
     sched.add_request(make_req("long", toks(1000, 300), 0, max_tokens=4))
-    assert runner.step().seqs == [("long", 64, False)]  # alone: the whole budget
+    assert runner.step().seqs == [("long", 16, False)]
     sched.add_request(make_req("s1", toks(10, 5), 1, max_tokens=3))
     sched.add_request(make_req("s2", toks(20, 30), 2, max_tokens=3))
-    # long is capped; s1 fits whole, s2 (a long prompt too) gets at most the cap
+    # s1 fits whole; s2 (a long prompt too) gets the chunk
     assert runner.step().seqs == [("long", 16, False), ("s1", 5, True), ("s2", 16, False)]
     assert runner.step().seqs == [("long", 16, False), ("s1", 1, True), ("s2", 14, True)]
-    for _ in range(2):
-        runner.step()  # s1 and s2 decode to their max_tokens and finish
-    assert "s1" not in sched.requests and "s2" not in sched.requests
-    done = 64 + 16 * 4
-    assert runner.step().seqs == [("long", min(64, 300 - done), False)]  # alone again
+    # several long prompts fill the budget with one chunk each
+    for i in range(4):
+        sched.add_request(make_req(f"l{i}", toks(2000 + 100 * i, 40), 3 + i, max_tokens=2))
+    seqs = runner.step().seqs
+    assert [n for _, n, _ in seqs] == [16, 1, 1, 16, 16, 14]  # budget 64: l2 gets what is left
 
 
 def test_long_prefill_chunk_caps_an_admission_beside_running_decodes() -> None:

@@ -23,11 +23,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting: int = 4096  # bound of the waiting queue; past it add_request raises QueueFullError
     max_model_len: int = 2048
-    # A prompt chunk larger than this shares the step: while other requests run or wait, a
-    # prefill gets at most this many tokens per step, and the rest of the budget goes to the
-    # others (a long prompt alone still takes the whole budget). None: a quarter of
-    # max_num_batched_tokens; 0: off (a long prefill takes the whole budget, and requests
-    # that arrive meanwhile wait for it to end).
+    # A prompt is prefilled at most this many tokens per step, so one step never holds the
+    # engine for a whole long prefill: requests that arrive meanwhile are admitted after one
+    # chunk, and running ones get their next token. None: a quarter of max_num_batched_tokens;
+    # 0: off (a prompt takes all the budget it can, and arrivals wait for its step to end).
     long_prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
@@ -140,10 +139,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
-        contended = len(self.running) > 1 or len(self.waiting) > 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget, contended)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             if not self._reserve(req, num_new, i, out):
                 continue  # req itself was preempted; running[i] is now the next request
             out.seqs.append(ScheduledSeq(req, num_new, self.bm.block_table(req.request_id)))
@@ -154,14 +152,14 @@ class Scheduler:
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
-    def _chunk(self, remaining: int, budget: int, contended: bool) -> int:
+    def _chunk(self, remaining: int, budget: int) -> int:
         """Tokens of a request to compute this step: all it has left within the budget, but at
-        most long_prefill_chunk while others share the engine, so that a long prompt does not
-        hold every other request (new ones waiting for admission, running ones for their next
-        token) for the many seconds its whole prefill takes."""
+        most long_prefill_chunk, so that a long prompt does not hold every other request (new
+        ones waiting for admission, running ones for their next token) for the seconds a
+        whole budget of prefill takes; its chunks leave room for them in every step."""
         n = min(remaining, budget)
         cap = self.config.long_prefill_chunk
-        return min(n, cap) if contended and cap else n
+        return min(n, cap) if cap else n
 
     def _reserve(self, req: Request, num_new: int, i: int, out: SchedulerOutput) -> bool:
         """Find blocks for req's next tokens, preempting the lowest-priority later request."""
@@ -183,8 +181,7 @@ class Scheduler:
             cached, num_cached = [], 0
             if req.params.prompt_logprobs is None:  # prompt logprobs need every position computed
                 cached, num_cached = self.bm.find_cached_prefix(req.all_token_ids, req.salt)
-            contended = len(self.running) > 0 or len(self.waiting) > 1
-            num_new = self._chunk(req.num_tokens - num_cached, budget, contended)
+            num_new = self._chunk(req.num_tokens - num_cached, budget)
             if not self.bm.allocate(
                 req.request_id, req.all_token_ids, num_cached + num_new, cached, req.salt
             ):
