@@ -207,7 +207,9 @@ def _final_aborted(rid: str, index: int, st: _IndexState, t0: float) -> pb.Gener
         finish_reason=pb.ABORTED,
         usage=pb.Usage(prompt_tokens=st.prompt_tokens, completion_tokens=st.completion_tokens),
         timing=pb.Timing(
-            ttft_ms=((st.first_token_time or now) - t0) * 1000.0, total_ms=(now - t0) * 1000.0
+            queue_ms=st.queue_ms,
+            ttft_ms=((st.first_token_time or now) - t0) * 1000.0,
+            total_ms=(now - t0) * 1000.0,
         ),
     )
     return pb.GenerateResponse(request_id=rid, index=index, final=final)

@@ -119,8 +119,9 @@ class GatewayConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """The HTTP body bound: room for the longest acceptable prompt as escaped JSON (up to
-        six bytes per character) plus the rest of the request."""
+        """The bound of an HTTP body and of a gRPC request message: room for the longest
+        acceptable prompt (--max-prompt-chars) as escaped JSON (up to six bytes per character)
+        plus the rest of the request."""
         return 6 * self.limits.max_prompt_chars + (1 << 20)
 
 
@@ -199,7 +200,6 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # gRPC sets SO_REUSEPORT by default: a second server on the port would then start without
     # an error and take half the connections. One server per port.
     ("grpc.so_reuseport", 0),
@@ -220,7 +220,10 @@ class Gateway:
     async def start(self) -> None:
         c = self.config
         interceptors = [ApiKeyInterceptor(c.api_keys)] if c.api_keys else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        # A request is read whole before any handler sees it: bound it by the longest prompt
+        # the server accepts (the same bound as an HTTP body), not a flat 64 MB.
+        options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", c.max_body_bytes)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.front = Frontend(self.pool, c.limits, c.max_inflight, self.metrics)
         svc = InferenceService(self.front)
         self.server.add_generic_rpc_handlers((inference_handler(svc),))

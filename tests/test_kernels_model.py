@@ -145,8 +145,9 @@ def test_cuda_runner_greedy_equals_cpu_runner_under_the_interpreter(tmp_path, nu
     from tests.tiny_models import make_tiny_model
 
     path = str(make_tiny_model(tmp_path / "tiny", num_layers=1, vocab_size=128))
+    # long_prefill_chunk 0: the whole budget per prompt, so 4 blocks do run out and preempt
     kw = dict(dtype="float32", num_kv_blocks=num_kv_blocks, progress=False,
-              max_num_batched_tokens=24)  # fmt: skip
+              max_num_batched_tokens=24, long_prefill_chunk=0)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 30, 9)]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

@@ -338,6 +338,7 @@ def test_abort_rpc_ends_stream_with_aborted_final(stack):
     final = responses[-1].final
     assert final.finish_reason == pb.ABORTED
     assert final.usage.completion_tokens == sum(len(r.delta.token_ids) for r in responses[:-1])
+    assert final.timing.queue_ms > 0  # the engine's queue time, as a finished stream reports it
     stack.wait_metric("pagedserve_engine_kv_blocks_used", lambda v: v == 0)
 
 
@@ -376,6 +377,8 @@ BAD_GENERATE = [
     ("unknown model", dict(text="hi", model="gpt-5"), "NOT_FOUND", "not served here"),
     # echoed cut short: a 1 MB name in the status message would pass gRPC's metadata limit
     ("huge model name", dict(text="hi", model="m" * 10**6), "NOT_FOUND", "(1000000 characters)"),
+    # read whole before any check: bounded by the longest acceptable prompt, not 64 MB
+    ("over the receive bound", dict(text="x" * 8_000_000), "RESOURCE_EXHAUSTED", "larger than max"),
     ("temperature < 0", dict(text="hi", temperature=-1), INVALID, "temperature"),
     ("temperature absurd", dict(text="hi", temperature=1e9), INVALID, "temperature"),
     ("top_p 0", dict(text="hi", top_p=0), INVALID, "top_p"),
