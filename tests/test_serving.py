@@ -377,6 +377,9 @@ BAD_GENERATE = [
     ("unknown model", dict(text="hi", model="gpt-5"), "NOT_FOUND", "not served here"),
     # echoed cut short: a 1 MB name in the status message would pass gRPC's metadata limit
     ("huge model name", dict(text="hi", model="m" * 10**6), "NOT_FOUND", "(1000000 characters)"),
+    # refused before tokenizing (which would take the worker seconds): too long whatever the
+    # tokenization
+    ("text that cannot fit", dict(text="\U0001f642" * 900_000), INVALID, "has at least"),
     # read whole before any check: bounded by the longest acceptable prompt, not 64 MB
     ("over the receive bound", dict(text="x" * 8_000_000), "RESOURCE_EXHAUSTED", "larger than max"),
     ("temperature < 0", dict(text="hi", temperature=-1), INVALID, "temperature"),

@@ -281,6 +281,7 @@ class Worker:
             return
         # At most the few added ids the engine takes beyond a client's MAX_STOP_TOKEN_IDS.
         self._chat_stop_ids = self.tokenizer.chat_stop_token_ids()[:ADDED_STOP_TOKEN_IDS]
+        _ = self.tokenizer.max_token_bytes  # now, not in the first request's time
         log.info("worker %s: tokenizer loaded from %s", self.worker_id, path)
 
     # -- engine -> worker ------------------------------------------------------------------
@@ -507,6 +508,7 @@ class Worker:
         params.CopyFrom(req.params)
         kind = req.WhichOneof("prompt")
         if kind == "text":
+            self._check_fits(req.text, info)
             ids = tok.encode(req.text, add_special_tokens=req.add_special_tokens)
         elif kind == "token_ids":
             ids = list(req.token_ids.ids)
@@ -514,6 +516,7 @@ class Worker:
             text = tok.apply_chat_template(
                 _messages(req.chat), add_generation_prompt=req.chat.add_generation_prompt
             )
+            self._check_fits(text, info)
             ids = tok.encode(text, add_special_tokens=False)
             # The template's end-of-turn token ends the reply even when it is not the EOS.
             extra = [i for i in self._chat_stop_ids if i not in params.stop_token_ids]
@@ -524,6 +527,17 @@ class Worker:
         if not params.HasField("max_tokens") and req.default_max_tokens:
             params.max_tokens = min(max(req.default_max_tokens, params.min_tokens), room)
         return ids, params
+
+    def _check_fits(self, text: str, info: ipc_pb2.EngineInfo) -> None:
+        """Refuse a text that has too many tokens for the context whatever its tokenization,
+        before tokenizing it: a megabyte of emoji takes seconds to tokenize, and this loop
+        (heartbeats included) does nothing else meanwhile."""
+        least = len(text.encode("utf-8", "surrogatepass")) // self.tokenizer.max_token_bytes
+        if least >= info.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has at least {least} tokens ({len(text)} characters); the context "
+                f"length is {info.max_model_len}"
+            )
 
     def _check_length(
         self, ids: list[int], params: ipc_pb2.SamplingParams, info: ipc_pb2.EngineInfo

@@ -91,6 +91,12 @@ class Tokenizer:
         return out
 
     @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes of text one token stands for: a text of B bytes has at least
+        B / max_token_bytes tokens, which bounds a prompt's length before tokenizing it."""
+        return max(1, max(len(self.token_bytes(i)) for i in range(self.vocab_size)))
+
+    @cached_property
     def _added_ids(self) -> frozenset[int]:
         return frozenset(self._tok.get_added_tokens_decoder())
 
