@@ -9,6 +9,7 @@ status name, so both fronts' users see the same word). Errors that other process
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 import grpc
@@ -72,3 +73,14 @@ def from_exception(e: Exception) -> Refused:
 
 def http_status(code: grpc.StatusCode) -> HttpStatus:
     return HTTP.get(code, HTTP[Code.INTERNAL])
+
+
+def api_key_refusal(authorization: str, x_api_key: str, keys: list[bytes]) -> str | None:
+    """Why a call's credentials are refused (UNAUTHENTICATED), or None when they name one of
+    ``keys``: ``authorization: Bearer KEY``, else ``x-api-key: KEY`` (gRPC metadata and HTTP
+    headers alike)."""
+    bearer = authorization.lower().startswith("bearer ")
+    key = authorization[7:].strip() if bearer else x_api_key
+    if key and any(hmac.compare_digest(key.encode(), k) for k in keys):
+        return None
+    return "invalid API key" if key else "missing API key"

@@ -70,10 +70,11 @@ class Frontend:
     def open(self, msgs: Sequence[ipc_pb2.TextRequest]) -> list[Stream]:
         """Send the requests to one tokenizer worker each, all or none: their ids must be free
         and the in-flight bound must leave room for all of them."""
-        ids = [m.request_id for m in msgs]
-        for rid in ids:
-            if rid in self.pool.streams or ids.count(rid) > 1:
-                raise Refused(Code.INVALID_ARGUMENT, f"request_id {rid!r} is in flight")
+        seen: set[str] = set()
+        for m in msgs:
+            if m.request_id in self.pool.streams or m.request_id in seen:
+                raise Refused(Code.INVALID_ARGUMENT, f"request_id {m.request_id!r} is in flight")
+            seen.add(m.request_id)
         if len(self.pool.streams) + len(msgs) > self.max_inflight:
             raise Refused(
                 Code.RESOURCE_EXHAUSTED,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hmac
 import json
 import logging
 import math
@@ -34,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import Code, Refused, from_exception, http_status
+from gateway.errors import Code, Refused, api_key_refusal, from_exception, http_status
 from gateway.frontend import Frontend
 from gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -133,11 +132,10 @@ class OpenAIApi:
     def _check_key(self, request: Request) -> None:
         if not self._keys:
             return
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        key = key or request.headers.get("x-api-key", "")
-        if not (key and any(hmac.compare_digest(key.encode(), k) for k in self._keys)):
-            raise Refused(Code.UNAUTHENTICATED, "invalid API key" if key else "missing API key")
+        h = request.headers
+        refusal = api_key_refusal(h.get("authorization", ""), h.get("x-api-key", ""), self._keys)
+        if refusal is not None:
+            raise Refused(Code.UNAUTHENTICATED, refusal)
 
     async def _body(self, request: Request, model: type[pydantic.BaseModel]):
         """The JSON body as ``model``, read no further than the size bound."""
@@ -183,18 +181,15 @@ class OpenAIApi:
 
     # -- generation ------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
-        return await self._handle(
-            request, "POST /v1/chat/completions", lambda: self._generate(request, chat=True)
-        )
+        method = "POST /v1/chat/completions"
+        return await self._handle(request, method, lambda: self._generate(request, method, True))
 
     async def completions(self, request: Request) -> Response:
-        return await self._handle(
-            request, "POST /v1/completions", lambda: self._generate(request, chat=False)
-        )
+        method = "POST /v1/completions"
+        return await self._handle(request, method, lambda: self._generate(request, method, False))
 
-    async def _generate(self, request: Request, chat: bool) -> Response:
+    async def _generate(self, request: Request, method: str, chat: bool) -> Response:
         t0 = time.monotonic()
-        method = "POST /v1/chat/completions" if chat else "POST /v1/completions"
         body = await self._body(request, ChatCompletionRequest if chat else CompletionRequest)
         info = self.front.engine_info(body.model or "")
         rid = self._request_id(request, body.request_id)
@@ -467,6 +462,12 @@ class _Generation:
         except StopAsyncIteration:
             return None
 
+    async def _from(self, first) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+        """``first``, then the rest of the messages."""
+        yield first
+        async for item in self._iter:
+            yield item
+
     async def aclose(self) -> None:
         """Stop relaying and close the streams (those not finished are aborted); once."""
         if self._closed:
@@ -482,9 +483,7 @@ class _Generation:
     # -- non-streaming ---------------------------------------------------------------------
     async def collect(self, first) -> dict:
         choices: dict[int, dict] = {}
-        item = first
-        while item is not None:
-            idx, resp = item
+        async for idx, resp in self._from(first):
             c = choices.setdefault(idx, {"text": [], "lp": [], "final": None})
             if resp.HasField("delta"):
                 c["text"].append(resp.delta.text)
@@ -492,10 +491,6 @@ class _Generation:
             else:
                 c["final"] = resp.final
                 self.usage[idx] = resp.final
-            try:
-                item = await self._iter.__anext__()
-            except StopAsyncIteration:
-                item = None
         out = []
         for idx in sorted(choices):
             c, final = choices[idx], choices[idx]["final"]
@@ -528,10 +523,8 @@ class _Generation:
         started: set[int] = set()
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         usage_field = {"usage": None} if self.body.include_usage else {}
-        item = first
         try:
-            while item is not None:
-                idx, resp = item
+            async for idx, resp in self._from(first):
                 choice: dict = {"index": idx}
                 if resp.HasField("delta"):
                     text, lps = resp.delta.text, resp.delta.logprobs
@@ -542,10 +535,6 @@ class _Generation:
                     choice.update(self._delta(idx, "", (), started))
                     choice.update(self._finish(resp.final))
                 yield _sse({**self._head(obj), "choices": [choice], **usage_field})
-                try:
-                    item = await self._iter.__anext__()
-                except StopAsyncIteration:
-                    item = None
         except Refused as e:  # after the 200 went out: say it in the stream, as vLLM does
             self.error = e
             st = http_status(e.code)

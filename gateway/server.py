@@ -4,7 +4,6 @@ API-key interceptor, keepalive settings and the metrics endpoint."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.errors import api_key_refusal
 from gateway.frontend import Frontend
 from gateway.http_api import HttpConfig, HttpServer, OpenAIApi, listen
 from gateway.metrics import Metrics
@@ -167,12 +167,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         md = dict(details.invocation_metadata or ())
-        auth = md.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else md.get("x-api-key", "")
-        if key and any(hmac.compare_digest(key.encode(), k) for k in self.keys):
-            return handler
-        message = "missing API key" if not key else "invalid API key"
-        return _denied(handler, message)
+        refusal = api_key_refusal(md.get("authorization", ""), md.get("x-api-key", ""), self.keys)
+        return handler if refusal is None else _denied(handler, refusal)
 
 
 def _denied(handler, message: str):
