@@ -76,7 +76,8 @@ def _run(
     paged_attention(
         q, k_ref, v_ref, bt, torch.tensor(seq_lens, dtype=torch.int32), qsl, scale, out_ref
     )
-    meta = build_metadata(query_lens, seq_lens, tables, block_size, fused)
+    # fused: the C++ decode and prefill kernels (a bfloat16 query takes torch's prefill path)
+    meta = build_metadata(query_lens, seq_lens, tables, block_size, fused, fused)
     out = attend(q, LayerKV(k_ours, v_ours, k_s, v_s), meta, scale)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=TOL[dtype], atol=TOL[dtype])
@@ -104,6 +105,56 @@ def test_mixed_prefill_and_decode(dtype, heads, block_size):
 
 def test_large_block_ids():
     _run([1, 1, 30], [20, 300, 90], 8, 2, 64, 16, torch.float32, large_ids=True)
+
+
+def _kernels_or_skip():
+    if cpu_ops.load() is None:
+        pytest.skip(f"the C++ CPU kernels could not be built here: {cpu_ops.load_error()}")
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (9, 3), (8, 1), (12, 4)])
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_kernel(heads, head_size, block_size):
+    """cpu_ops.paged_prefill beside fused decodes: chunks shorter and longer than a query tile
+    (32 tokens) and a key tile (128 keys), fresh prompts and chunks after a cached prefix,
+    1-token and 2-token tails, a chunk ending exactly on a tile edge."""
+    _kernels_or_skip()
+    query_lens = [1, 1, 1, 200, 37, 1, 2, 33, 128, 64]
+    seq_lens = [9, 40, 71, 200, 300, 50, 130, 170, 128, 384]
+    _run(query_lens, seq_lens, *heads, head_size, block_size, torch.float32, fused=True)
+
+
+def test_prefill_kernel_large_block_ids():
+    _kernels_or_skip()
+    _run([1, 300, 30], [20, 300, 900], 8, 2, 64, 16, torch.float32, large_ids=True, fused=True)
+
+
+def test_prefill_kernel_reads_strided_rows_and_rejects_bad_input():
+    """The query may be a view into the qkv rows (the runner's case); bad shapes, dtypes and
+    block ids are clear errors, not reads out of bounds."""
+    _kernels_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    kvh, heads, hd, bs, nb, n, seq = 2, 4, 64, 16, 8, 20, 50
+    k, v = torch.randn(2, kvh, nb, bs, hd, generator=gen)
+    qkv = torch.randn(n, (heads + 2 * kvh) * hd, generator=gen)
+    q = qkv[:, : heads * hd].view(n, heads, hd)
+    blocks = torch.tensor([5, 0, 7, 2])
+    got = cpu_ops.paged_prefill(q, k, v, blocks, seq, hd**-0.5)
+    want = cpu_ops.paged_prefill(q.contiguous(), k, v, blocks, seq, hd**-0.5)
+    assert torch.equal(got, want)
+    meta = build_metadata([n], [seq], [blocks.tolist()], bs)  # the torch path
+    torch.testing.assert_close(got, attend(q.contiguous(), LayerKV(k, v), meta, hd**-0.5))
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        cpu_ops.paged_prefill(q, k, v, torch.tensor([5, 0, 8, 2]), seq, hd**-0.5)
+    with pytest.raises(RuntimeError, match="too few blocks"):
+        cpu_ops.paged_prefill(q, k, v, blocks[:3], seq, hd**-0.5)
+    with pytest.raises(RuntimeError, match="shorter than the chunk"):
+        cpu_ops.paged_prefill(q, k, v, blocks, n - 1, hd**-0.5)
+    with pytest.raises(RuntimeError, match="int8 cache needs"):
+        cpu_ops.paged_prefill(q, k.to(torch.int8), v.to(torch.int8), blocks, seq, hd**-0.5)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_ops.paged_prefill(*(x[..., :40].contiguous() for x in (q, k, v)), blocks, seq, 0.1)
 
 
 KV_DTYPES = [torch.bfloat16, torch.float16, torch.int8]

@@ -47,7 +47,8 @@ class PrefillChunk:
     end: int
     seq_len: int  # context length after this chunk
     blocks: torch.Tensor  # [ceil(seq_len / block_size)] block ids
-    bias: torch.Tensor  # [q_len, seq_len] float32 causal bias (0 / -inf)
+    # [q_len, seq_len] float32 causal bias (0 / -inf); None when planned for the kernel
+    bias: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class AttentionMetadata:
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     fused_decodes: FusedDecodes | None = None  # set instead of `decodes` when the kernel is used
+    fused_prefill: bool = False  # prefill chunks run cpu_ops.paged_prefill (no bias built)
 
 
 def build_metadata(
@@ -73,15 +75,18 @@ def build_metadata(
     block_tables: list[list[int]],
     block_size: int,
     fused_decode: bool = False,
+    fused_prefill: bool = False,
 ) -> AttentionMetadata:
     """Sequences must come decodes first (query_len == 1), then prefill chunks.
 
-    ``fused_decode``: plan the decodes for the fused CPU kernel instead of gathered groups."""
+    ``fused_decode``: plan the decodes for the fused CPU kernel instead of gathered groups;
+    ``fused_prefill``: the prefill chunks for the prefill kernel (``attend`` falls back to torch
+    for a query the kernel does not take, building the bias then)."""
     slots: list[int] = []
     for q_len, s_len, table in zip(query_lens, seq_lens, block_tables):
         for pos in range(s_len - q_len, s_len):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
-    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64))
+    meta = AttentionMetadata(torch.tensor(slots, dtype=torch.int64), fused_prefill=fused_prefill)
 
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
@@ -108,15 +113,20 @@ def build_metadata(
         query_lens[num_decodes:], seq_lens[num_decodes:], block_tables[num_decodes:]
     ):
         n_blocks = (s_len + block_size - 1) // block_size
-        q_pos = torch.arange(s_len - q_len, s_len)[:, None]
-        bias = torch.zeros(q_len, s_len).masked_fill_(
-            torch.arange(s_len)[None, :] > q_pos, float("-inf")
-        )
+        bias = None if fused_prefill else _causal_bias(q_len, s_len)
         meta.prefills.append(
             PrefillChunk(start, start + q_len, s_len, torch.tensor(table[:n_blocks]), bias)
         )
         start += q_len
     return meta
+
+
+def _causal_bias(q_len: int, seq_len: int) -> torch.Tensor:
+    """[q_len, seq_len]: 0 where query i (position seq_len - q_len + i) sees the key, else -inf."""
+    q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
+    return torch.zeros(q_len, seq_len).masked_fill_(
+        torch.arange(seq_len)[None, :] > q_pos, float("-inf")
+    )
 
 
 def _decode_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
@@ -192,8 +202,17 @@ def attend(
         probs = torch.softmax(scores.mul_(scale).add_(g.bias), dim=-1).to(query.dtype)
         o = torch.matmul(probs, v)  # [kvh, n, group, hd]
         out[g.start : g.end] = o.transpose(0, 1).reshape(n, -1, hd)
+    kernel = meta.fused_prefill and dt == torch.float32 and hd % 16 == 0
     for p in meta.prefills:
         q_len = p.end - p.start
+        if kernel:
+            q = query[p.start : p.end]
+            out[p.start : p.end] = cpu_ops.paged_prefill(
+                q, kv.k, kv.v, p.blocks, p.seq_len, scale, kv.k_scale, kv.v_scale
+            )
+            continue
+        if p.bias is None:  # planned for the kernel, which does not take this query
+            p.bias = _causal_bias(q_len, p.seq_len)
         ctx = p.seq_len - q_len  # tokens before this chunk (cached prefix)
         k = _gather(kv.k, p.blocks, kv.k_scale, dt).view(kvh, -1, hd)  # [kvh, >= S, hd]
         v = _gather(kv.v, p.blocks, kv.v_scale, dt).view(kvh, -1, hd)

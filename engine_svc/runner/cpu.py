@@ -42,6 +42,12 @@ class ModelRunner:
         # The fused CPU decode kernel reads KV blocks in place (no gather copy); the
         # plain-torch path stays as the fallback when it cannot be built.
         self.fused_decode = cpu_ops.load() is not None
+        # Prompt chunks likewise (cpu_ops.paged_prefill, flash-attention order): float32 only
+        # so far; a bfloat16 model keeps torch's matmuls (oneDNN, AMX where present), which
+        # this kernel has not been measured against.
+        self.fused_prefill = (
+            self.fused_decode and dtype == torch.float32 and cfg.head_size % 16 == 0
+        )
         # Linear layers over packed weights (engine_svc.runner.cpu_ops.PackedLinear): float32
         # on an AVX-512 or AVX2 CPU, faster than BLAS at every batch size measured; int8 weights
         # when quantization asks for them, whatever the dtype.
@@ -97,7 +103,9 @@ class ModelRunner:
             q_lens.append(s.num_new_tokens)
             seq_lens.append(end)
             tables.append(s.block_table)
-        meta = build_metadata(q_lens, seq_lens, tables, self.block_size, self.fused_decode)
+        meta = build_metadata(
+            q_lens, seq_lens, tables, self.block_size, self.fused_decode, self.fused_prefill
+        )
         step = self.ops.step(torch.tensor(positions, dtype=torch.int64), meta)
         input_ids = torch.tensor(ids, dtype=torch.int64)
         f = meta.fused_decodes

@@ -12,6 +12,10 @@
   weights packed once into column panels (``pack_weight``), float32, or int8 with one scale per
   output column (``quantize_int8``, weight-only quantization); batch-invariant. ``PackedLinear``
   is the module.
+- ``paged_prefill`` (csrc/paged_prefill.cpp): attention of a prompt chunk to its cached prefix
+  and itself, flash-attention order (float32 online softmax over key tiles gathered from the
+  blocks), so no [rows, context] score block is written and read back; same math as the
+  reference for a chunk of ``n`` query tokens (tested against it).
 - ``write_kv_`` (csrc/kv_cache.cpp): new tokens' K and V into their cache slots, converted to
   the cache's dtype (``--kv-cache-dtype``).
 - ``rms_norm``, ``add_rms_norm_``, ``rotary_``, ``silu_mul`` (csrc/elementwise.cpp): the
@@ -48,6 +52,7 @@ log = logging.getLogger("pagedserve.engine")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (
     "paged_decode.cpp",
+    "paged_prefill.cpp",
     "kv_cache.cpp",
     "packed_linear.cpp",
     "elementwise.cpp",
@@ -198,6 +203,23 @@ def paged_decode(
     """The cache in the query's dtype, bfloat16, float16, or int8 with its scales."""
     return _module.paged_decode(
         query, key_cache, value_cache, block_tables, seq_lens, scale, key_scales, value_scales
+    )
+
+
+def paged_prefill(
+    query: torch.Tensor,  # [n, num_heads, head_size]: a prompt chunk, heads packed, rows of any stride
+    key_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_size]
+    value_cache: torch.Tensor,
+    blocks: torch.Tensor,  # [>= ceil(seq_len / block_size)] int64: the sequence's block table
+    seq_len: int,  # context length after the chunk (the chunk is its last n tokens)
+    scale: float,
+    key_scales: torch.Tensor | None = None,  # int8 caches: [num_kv_heads, num_blocks, block_size]
+    value_scales: torch.Tensor | None = None,
+) -> torch.Tensor:  # [n, num_heads, head_size]
+    """Causal attention of a chunk to its cached prefix and itself; the chunk's K and V are in
+    the cache already. head_size a multiple of 16."""
+    return _module.paged_prefill(
+        query, key_cache, value_cache, blocks, seq_len, scale, key_scales, value_scales
     )
 
 

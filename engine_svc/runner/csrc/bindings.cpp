@@ -4,6 +4,8 @@
 torch::Tensor paged_decode(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                            torch::Tensor, double, c10::optional<torch::Tensor>,
                            c10::optional<torch::Tensor>);
+torch::Tensor paged_prefill(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                            double, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>);
 void write_kv_(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                c10::optional<torch::Tensor>, c10::optional<torch::Tensor>);
 void use_generic_decode(bool);
@@ -19,6 +21,7 @@ void bind_decode_stack(pybind11::module&);  // decode_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", torch::wrap_pybind_function_no_gil(paged_decode));
+  m.def("paged_prefill", torch::wrap_pybind_function_no_gil(paged_prefill));
   m.def("use_generic_decode", &use_generic_decode);
   m.def("write_kv_", torch::wrap_pybind_function_no_gil(write_kv_));
   m.def("packed_linear", torch::wrap_pybind_function_no_gil(packed_linear));
