@@ -1,4 +1,5 @@
-"""The Prometheus metrics: vLLM-named request and engine metrics, and refusals. End-to-end against ``pagedserve up`` (scraped over HTTP from its metrics
+"""The Prometheus metrics: vLLM-named request and engine metrics, refusals, and the Grafana
+dashboard in docs/. End-to-end against ``pagedserve up`` (scraped over HTTP from its metrics
 port and parsed with prometheus_client's own parser), plus the gateway's relay in process for
 what a real stack cannot be made to do on demand (a full engine queue)."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
+import re
 import time
 import urllib.request
 
@@ -19,7 +22,9 @@ from gateway.metrics import Metrics
 from gateway.workers import Stream, WorkerPool, WorkerState
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.requests import Limits
-from tests.serving_stack import collect, pb, start_stack, stop_stack, stub
+from tests.serving_stack import REPO, collect, pb, start_stack, stop_stack, stub
+
+DASHBOARD = REPO / "docs" / "grafana" / "pagedserve.json"
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py): ours must contain every one of them,
 # so a query or SLO written for vLLM on one of these ``le`` values reads the same here.
@@ -60,6 +65,14 @@ class Scrape:
             for n, lab, v in self.samples
             if n == name and all(lab.get(k) == x for k, x in labels.items())
         )
+
+    def exposed_names(self) -> set[str]:
+        """Every series name a query may use: samples present, and each family's by type."""
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+        names = {n for n, _, _ in self.samples}
+        for fam, kind in self.types.items():
+            names |= {fam + s for s in suffixes.get(kind, [""])}
+        return names
 
 
 def scrape(stack) -> Scrape:
@@ -395,3 +408,61 @@ def test_inter_token_gaps_are_shared_by_tokens_that_come_together():
         assert value("vllm:request_decode_time_seconds_count") == 1  # not the aborted one
     finally:
         pool._ctx.term()
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
+                "or", "unless", "offset"}  # fmt: skip
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: what is left once label matchers, ranges,
+    grouping clauses and strings are gone, and neither a function (followed by ``(``) nor a
+    keyword."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        if not expr[m.end() :].lstrip().startswith("(") and m.group() not in PROMQL_WORDS:
+            names.add(m.group())
+    return names
+
+
+def dashboard_queries(dash: dict) -> list[str]:
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        q = var.get("query")
+        if isinstance(q, dict):  # label_values(METRIC, label): the metric is a query too
+            m = re.fullmatch(r"label_values\(([^,]+),\s*\w+\)", q["query"])
+            exprs.append(m.group(1))
+    return exprs
+
+
+def test_promql_metrics_finds_names_and_only_names():
+    expr = (
+        'histogram_quantile(0.9, sum by (le) (rate(a:b_bucket{model_name=~"$m"}[$__rate_interval])))'
+        " / sum(rate(c_total[5m])) + d"
+    )
+    assert promql_metrics(expr) == {"a:b_bucket", "c_total", "d"}
+
+
+def test_dashboard_is_valid_and_queries_only_served_metrics(stack):
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "pagedserve" and dash["panels"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    queried = set().union(*(promql_metrics(e) for e in dashboard_queries(dash)))
+    assert queried - scrape(stack).exposed_names() == set()
+    # the panels the dashboard is for
+    assert {
+        "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+        "vllm:generation_tokens_total", "vllm:num_requests_running", "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc", "pagedserve_requests_refused_total",
+    } <= queried  # fmt: skip
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_deploy_docs_name_the_dashboard_file():
+    assert str(DASHBOARD.relative_to(REPO)) in (REPO / "docs" / "deploy.md").read_text()
