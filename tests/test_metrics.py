@@ -103,6 +103,20 @@ def generate(stack, **fields) -> dict:
         return collect(call)[0]
 
 
+def _http(stack, path: str, body: bytes, key: str | None) -> tuple[int, str]:
+    """(status, body) of a POST to the HTTP front, with ``key`` as the bearer token."""
+    conn = http.client.HTTPConnection("localhost", stack.http_port, timeout=60)
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
 def wait_for(stack, name: str, value: float, **labels: str) -> Scrape:
     """The first scrape where ``name`` (summed over ``labels``) is ``value``: engine stats
     reach the gateway with the workers' heartbeats."""
@@ -168,6 +182,24 @@ def test_two_requests_count_tokens_phases_and_finish_reason(stack, model):
     assert s("vllm:time_to_first_token_seconds") > (
         s("vllm:request_queue_time_seconds") + s("vllm:request_prefill_time_seconds")
     )
+
+
+def test_http_streams_count_the_same_way(stack, model):
+    """The OpenAI front relays through the same code: a streamed completion of 3 tokens is one
+    `length` success, one time to first token and 2 inter-token samples."""
+    before = scrape(stack)
+    body = {"prompt": PROMPT, "max_tokens": 3, "ignore_eos": True, "stream": True}
+    status, text = _http(stack, "/v1/completions", json.dumps(body).encode(), stack.api_key)
+    assert status == 200 and text.endswith("data: [DONE]\n\n")
+    after = scrape(stack)
+
+    def grew(name: str, **labels: str) -> float:
+        return after.value(name, **labels) - before.value(name, **labels)
+
+    assert grew("vllm:request_success_total", model_name=model, finished_reason="length") == 1
+    assert grew("vllm:time_to_first_token_seconds_count", model_name=model) == 1
+    assert grew("vllm:inter_token_latency_seconds_count", model_name=model) == 2
+    assert grew("pagedserve_requests_total", method="POST /v1/completions", code="OK") == 1
 
 
 def test_histograms_have_vllms_buckets_and_add_up(stack, model):
@@ -259,20 +291,6 @@ def _refused(m: Scrape, code: str, reason: str) -> float:
     return m.value("pagedserve_requests_refused_total", code=code, reason=reason)
 
 
-def _http(stack, path: str, body: bytes, key: str | None) -> int:
-    conn = http.client.HTTPConnection("localhost", stack.http_port, timeout=60)
-    headers = {"content-type": "application/json"}
-    if key is not None:
-        headers["authorization"] = f"Bearer {key}"
-    try:
-        conn.request("POST", path, body=body, headers=headers)
-        r = conn.getresponse()
-        r.read()
-        return r.status
-    finally:
-        conn.close()
-
-
 def test_refused_keys_count_by_code_and_reason(stack):
     before = scrape(stack)
     with stack.channel() as ch:
@@ -282,7 +300,7 @@ def test_refused_keys_count_by_code_and_reason(stack):
         with pytest.raises(grpc.RpcError) as missing:
             c.Tokenize(pb.TokenizeRequest(text="hi"), timeout=30)
     assert wrong.value.code() == missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _http(stack, "/v1/completions", b'{"prompt": "hi"}', key="nope") == 401
+    assert _http(stack, "/v1/completions", b'{"prompt": "hi"}', key="nope")[0] == 401
     after = scrape(stack)
 
     def grew(fn, *args) -> float:
@@ -303,7 +321,7 @@ def test_shed_calls_count_by_code_and_reason(stack):
     before = scrape(stack)
     # An HTTP body over the receive bound: 413.
     big = b'{"prompt": "' + b"a" * 1_100_000 + b'"}'
-    assert _http(stack, "/v1/completions", big, key=stack.api_key) == 413
+    assert _http(stack, "/v1/completions", big, key=stack.api_key)[0] == 413
 
     # A third stream while --max-inflight 2 are open.
     async def third_of_three():
