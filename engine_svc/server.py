@@ -417,6 +417,8 @@ class EngineServer:
         )
         if len(r.output_token_ids) == len(o.new_token_ids) and r.first_scheduled_time:
             out.queue_ms = (r.first_scheduled_time - r.arrival_time) * 1000.0
+            if r.first_token_time is not None:
+                out.prefill_ms = (r.first_token_time - r.first_scheduled_time) * 1000.0
         if r.params.logprobs is not None and r.logprobs:
             lp = out.logprobs.add(token_id=o.new_token_ids[-1], logprob=r.logprobs[-1])
             for tok, v in r.top_logprobs[-1]:

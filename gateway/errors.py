@@ -21,11 +21,24 @@ Code = grpc.StatusCode
 
 
 class Refused(Exception):
-    """A call the gateway refuses or fails, with the status code both fronts map."""
+    """A call the gateway refuses or fails, with the status code both fronts map. ``reason``
+    is the label ``pagedserve_requests_refused_total`` counts an auth or overload refusal
+    under (``REFUSAL_REASONS``); other refusals leave it empty."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, param: str | None = None, reason: str = ""
+    ) -> None:
         super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+        self.code, self.message, self.param, self.reason = code, message, param, reason
+
+
+# Why a call was turned away before any work: the reason label of the refusal counter.
+MISSING_API_KEY = "missing_api_key"
+INVALID_API_KEY = "invalid_api_key"
+MAX_INFLIGHT = "max_inflight"  # the gateway's --max-inflight bound
+QUEUE_FULL = "queue_full"  # every engine's waiting queue was at its bound
+BODY_TOO_LARGE = "body_too_large"  # an HTTP body over the receive bound (413)
+REFUSAL_REASONS = (MISSING_API_KEY, INVALID_API_KEY, MAX_INFLIGHT, QUEUE_FULL, BODY_TOO_LARGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +72,15 @@ FROM_IPC: dict[int, grpc.StatusCode] = {
 
 
 def from_ipc(code: int, message: str) -> Refused:
-    return Refused(FROM_IPC.get(code, Code.INTERNAL), message)
+    # A worker reports RESOURCE_EXHAUSTED only when every engine's waiting queue refused.
+    reason = QUEUE_FULL if code == ipc_pb2.RESOURCE_EXHAUSTED else ""
+    return Refused(FROM_IPC.get(code, Code.INTERNAL), message, reason=reason)
 
 
 def from_exception(e: Exception) -> Refused:
     """The wire layer's typed errors (raised while a request is mapped)."""
     if isinstance(e, QueueFullError):
-        return Refused(Code.RESOURCE_EXHAUSTED, str(e))
+        return Refused(Code.RESOURCE_EXHAUSTED, str(e), reason=QUEUE_FULL)
     if isinstance(e, InvalidRequestError):
         return Refused(Code.INVALID_ARGUMENT, str(e), e.param)
     return Refused(Code.INTERNAL, f"{type(e).__name__}: {e}")
@@ -75,12 +90,14 @@ def http_status(code: grpc.StatusCode) -> HttpStatus:
     return HTTP.get(code, HTTP[Code.INTERNAL])
 
 
-def api_key_refusal(authorization: str, x_api_key: str, keys: list[bytes]) -> str | None:
-    """Why a call's credentials are refused (UNAUTHENTICATED), or None when they name one of
+def api_key_refusal(authorization: str, x_api_key: str, keys: list[bytes]) -> Refused | None:
+    """The UNAUTHENTICATED refusal of a call's credentials, or None when they name one of
     ``keys``: ``authorization: Bearer KEY``, else ``x-api-key: KEY`` (gRPC metadata and HTTP
     headers alike)."""
     bearer = authorization.lower().startswith("bearer ")
     key = authorization[7:].strip() if bearer else x_api_key
     if key and any(hmac.compare_digest(key.encode(), k) for k in keys):
         return None
-    return "invalid API key" if key else "missing API key"
+    if key:
+        return Refused(Code.UNAUTHENTICATED, "invalid API key", reason=INVALID_API_KEY)
+    return Refused(Code.UNAUTHENTICATED, "missing API key", reason=MISSING_API_KEY)

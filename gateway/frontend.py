@@ -10,8 +10,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from gateway.errors import Code, Refused, from_ipc
-from gateway.metrics import Metrics
+from gateway.errors import MAX_INFLIGHT, Code, Refused, from_ipc
+from gateway.metrics import FinishedOutput, Metrics
 from gateway.workers import Stream, WorkerGone, WorkerPool
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.pagedserve.v1 import inference_pb2 as pb
@@ -22,6 +22,13 @@ FINISH = {
     ipc_pb2.FINISH_LENGTH: pb.LENGTH,
     ipc_pb2.FINISH_STOP_SEQUENCE: pb.STOP_SEQUENCE,
     ipc_pb2.FINISH_ABORT: pb.ABORTED,
+}
+# vLLM's finished_reason label (vllm:request_success_total) of each final message.
+FINISHED_REASON = {
+    pb.STOP: "stop",
+    pb.STOP_SEQUENCE: "stop",
+    pb.LENGTH: "length",
+    pb.ABORTED: "abort",
 }
 TOKENIZE_TIMEOUT_S = 30.0
 
@@ -35,8 +42,24 @@ class _IndexState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_ms: float = 0.0
+    prefill_ms: float = 0.0
     first_token_time: float | None = None
+    # When the output's first and latest token ids arrived (its decode time, its inter-token
+    # gaps); unlike first_token_time, an echoed prompt's text does not count.
+    first_id_time: float | None = None
+    last_id_time: float | None = None
     final: bool = False
+
+    def finished(self, reason: str, now: float, t0: float) -> FinishedOutput:
+        decode = None if self.first_id_time is None else self.last_id_time - self.first_id_time
+        return FinishedOutput(
+            finished_reason=reason,
+            e2e_s=now - t0,
+            num_tokens=self.completion_tokens,
+            queue_s=self.queue_ms / 1000.0,
+            prefill_s=self.prefill_ms / 1000.0,
+            decode_s=decode,
+        )
 
 
 class Frontend:
@@ -80,6 +103,7 @@ class Frontend:
                 Code.RESOURCE_EXHAUSTED,
                 f"the server is at its limit of {self.max_inflight} requests in flight; "
                 "retry later",
+                reason=MAX_INFLIGHT,
             )
         if self.pool.pick() is None:
             raise Refused(Code.UNAVAILABLE, "not ready")
@@ -109,6 +133,8 @@ class Frontend:
         """The stream's deltas as public messages, until every index has its final message.
         ``deadline`` is a ``time.monotonic()`` time; past it: DEADLINE_EXCEEDED."""
         states = [_IndexState() for _ in range(n)]
+        info = self.pool.engine_info()
+        model = info.model_id if info is not None else ""
         while not all(s.final for s in states):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -118,14 +144,17 @@ class Frontend:
             if isinstance(item, Aborted):
                 for i, s in enumerate(states):
                     if not s.final:
+                        self.metrics.finished(model, s.finished("abort", time.monotonic(), t0))
                         yield _final_aborted(stream.request_id, i, s, t0)
                 return
             if isinstance(item, ipc_pb2.RequestError):
                 raise from_ipc(item.code, item.message)
-            for resp in self._responses(stream.request_id, item, states, t0):
+            for resp in self._responses(stream.request_id, item, states, t0, model):
                 yield resp
 
-    def _responses(self, rid: str, d: ipc_pb2.TextDelta, states: list[_IndexState], t0: float):
+    def _responses(
+        self, rid: str, d: ipc_pb2.TextDelta, states: list[_IndexState], t0: float, model: str
+    ):
         if d.index >= len(states) or states[d.index].final:
             return
         st = states[d.index]
@@ -134,7 +163,11 @@ class Frontend:
             st.prompt_tokens = d.prompt_tokens
         if d.queue_ms:
             st.queue_ms = d.queue_ms
+        if d.prefill_ms:
+            st.prefill_ms = d.prefill_ms
         st.completion_tokens += len(d.token_ids)
+        if d.token_ids:
+            self._time_tokens(st, len(d.token_ids), now, t0, model)
         if d.text or d.token_ids:
             if st.first_token_time is None:
                 if all(s.first_token_time is None for s in states):  # once per request
@@ -171,7 +204,24 @@ class Frontend:
         elif kind == "stop_token_id":
             final.stop_token_id = d.stop_token_id
         self.metrics.e2e.observe(now - t0)
+        self.metrics.finished(
+            model, st.finished(FINISHED_REASON.get(final.finish_reason, "stop"), now, t0)
+        )
         yield pb.GenerateResponse(request_id=rid, index=d.index, final=final)
+
+    def _time_tokens(self, st: _IndexState, n: int, now: float, t0: float, model: str) -> None:
+        """An output's time to first token and its inter-token gaps, from ``n`` token ids that
+        arrived at ``now`` (one message per engine step, so ``n`` is 1 but for a step that made
+        several: those share the message's gap)."""
+        if st.first_id_time is None:
+            st.first_id_time = now
+            self.metrics.first_token(model, now - t0)
+            gap, n = 0.0, n - 1
+        else:
+            gap = now - st.last_id_time
+        if n:
+            self.metrics.tokens(model, gap, n)
+        st.last_id_time = now
 
     # -- tokenizer calls -------------------------------------------------------------------
     async def call(

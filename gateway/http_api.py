@@ -33,7 +33,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import Code, Refused, api_key_refusal, from_exception, http_status
+from gateway.errors import (
+    BODY_TOO_LARGE,
+    Code,
+    Refused,
+    api_key_refusal,
+    from_exception,
+    http_status,
+)
 from gateway.frontend import Frontend
 from gateway.openai_protocol import (
     ChatCompletionRequest,
@@ -135,7 +142,7 @@ class OpenAIApi:
         h = request.headers
         refusal = api_key_refusal(h.get("authorization", ""), h.get("x-api-key", ""), self._keys)
         if refusal is not None:
-            raise Refused(Code.UNAUTHENTICATED, refusal)
+            raise refusal
 
     async def _body(self, request: Request, model: type[pydantic.BaseModel]):
         """The JSON body as ``model``, read no further than the size bound."""
@@ -163,14 +170,17 @@ class OpenAIApi:
             self._check_key(request)
             response = await fn()
         except _TooLarge as e:  # what gRPC says of a message over its limit, with HTTP's 413
-            self._count(method, "RESOURCE_EXHAUSTED")
             msg = f"the request body is over {e.limit} bytes"
-            r = _error(Refused(Code.RESOURCE_EXHAUSTED, msg))
+            refused = Refused(Code.RESOURCE_EXHAUSTED, msg, reason=BODY_TOO_LARGE)
+            self._count(method, refused.code.name)
+            self.front.metrics.count_refusal(refused)
+            r = _error(refused)
             r.status_code = 413
             return r
         except (Refused, InvalidRequestError) as e:
             r = e if isinstance(e, Refused) else from_exception(e)
             self._count(method, r.code.name)
+            self.front.metrics.count_refusal(r)
             return _error(r)
         return response
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.errors import api_key_refusal
+from gateway.errors import Refused, api_key_refusal
 from gateway.frontend import Frontend
 from gateway.http_api import HttpConfig, HttpServer, OpenAIApi, listen
 from gateway.metrics import Metrics
@@ -159,8 +159,9 @@ def inference_handler(svc: InferenceService) -> grpc.GenericRpcHandler:
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """``authorization: Bearer <key>`` (or ``x-api-key: <key>``) must name a configured key."""
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], metrics: Metrics) -> None:
         self.keys = [k.encode() for k in keys]
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -168,15 +169,25 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         md = dict(details.invocation_metadata or ())
         refusal = api_key_refusal(md.get("authorization", ""), md.get("x-api-key", ""), self.keys)
-        return handler if refusal is None else _denied(handler, refusal)
+        if refusal is None:
+            return handler
+        return _denied(handler, refusal, self.metrics, details.method.rsplit("/", 1)[-1])
 
 
-def _denied(handler, message: str):
+def _denied(handler, refusal: Refused, metrics: Metrics, method: str):
+    # Counted when the call is answered, as the servicer counts its own refusals: the
+    # servicer never sees this call.
+    def count() -> None:
+        metrics.requests.labels(method, refusal.code.name).inc()
+        metrics.count_refusal(refusal)
+
     async def deny(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        count()
+        await context.abort(refusal.code, refusal.message)
 
     async def deny_stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        count()
+        await context.abort(refusal.code, refusal.message)
         yield  # pragma: no cover (makes this an async generator)
 
     kw = dict(
@@ -215,7 +226,7 @@ class Gateway:
 
     async def start(self) -> None:
         c = self.config
-        interceptors = [ApiKeyInterceptor(c.api_keys)] if c.api_keys else []
+        interceptors = [ApiKeyInterceptor(c.api_keys, self.metrics)] if c.api_keys else []
         # A request is read whole before any handler sees it: bound it by the longest prompt
         # the server accepts (the same bound as an HTTP body), not a flat 64 MB.
         options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", c.max_body_bytes)]

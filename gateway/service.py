@@ -193,6 +193,7 @@ class InferenceService:
     # -- helpers ---------------------------------------------------------------------------
     async def _refuse(self, context, method: str, e: Exception):
         r = e if isinstance(e, Refused) else from_exception(e)
+        self.metrics.count_refusal(r)
         await self._abort(context, method, r.code, r.message)
 
     async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):

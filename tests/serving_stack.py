@@ -65,7 +65,7 @@ class Stack:
         out: dict[str, float] = {}
         sums: dict[str, float] = {}
         for line in text.splitlines():
-            m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", line)
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.e+-]+)$", line)
             if m:
                 out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
                 if m.group(2):

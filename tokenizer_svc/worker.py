@@ -356,6 +356,7 @@ class Worker:
         if not seq.sent_first:
             seq.sent_first = True
             d.queue_ms = out.queue_ms
+            d.prefill_ms = out.prefill_ms
             d.prompt_tokens = out.prompt_tokens
             if req.echo:
                 text = self.tokenizer.decode(act.prompt_ids, req.skip_special_tokens) + text
