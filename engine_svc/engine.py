@@ -150,6 +150,7 @@ class LLMEngine:
                 max_waiting=config.max_waiting,
                 max_model_len=max_len,
                 long_prefill_chunk=config.long_prefill_chunk,
+                context_cost=mc.attention_cost_per_context_token(),
             ),
             self.block_manager,
         )

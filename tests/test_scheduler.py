@@ -221,6 +221,32 @@ def test_long_prefill_chunk_off_lets_a_long_prompt_hold_the_budget() -> None:
     assert runner.step().seqs == [("long", 64, False)]  # s1 waits for the whole prefill
 
 
+def test_the_chunk_cap_counts_attention_cost_as_the_context_grows() -> None:
+    """With a context cost (1 / 64 here: at 64 tokens of context a token costs twice its
+    linears), a chunk holds at most long_prefill_chunk units of cost at its middle token's
+    context: 64 / (1 + (ctx + 32) / 64) tokens, never fewer than 32; a cached prefix counts
+    as context for the first chunk."""
+    config = SchedulerConfig(256, 256, 4096, 4096, long_prefill_chunk=64, context_cost=1 / 64)
+    sched = Scheduler(config, BlockManager(1024, 4, True))
+    runner = FakeRunner(sched)
+    sched.add_request(make_req("long", toks(1000, 1000), 0, max_tokens=1))
+    # ctx 0: 64 / 1.5 = 42; ctx 42: 64 / (1 + 74 / 64) = 29 -> 32 (the floor)
+    assert [runner.step().seqs for _ in range(3)] == [
+        [("long", 42, False)],
+        [("long", 32, False)],
+        [("long", 32, False)],
+    ]
+    runner.run_until_idle()
+    # the same prompt again: its first 996 tokens are cached (whole blocks), so the one chunk
+    # left is the 4-token tail, however high the cost of its context
+    sched.add_request(make_req("again", toks(1000, 1000), 1, max_tokens=1))
+    assert runner.step().seqs == [("again", 4, True)]
+    with pytest.raises(ValueError):
+        SchedulerConfig(context_cost=-1.0)
+    with pytest.raises(ValueError):
+        SchedulerConfig(context_cost=float("nan"))
+
+
 def test_long_prefill_chunk_defaults_to_a_quarter_of_the_budget() -> None:
     assert SchedulerConfig(max_num_batched_tokens=2048).long_prefill_chunk == 512
     assert SchedulerConfig(max_num_batched_tokens=3).long_prefill_chunk == 1

@@ -28,6 +28,11 @@ class SchedulerConfig:
     # chunk, and running ones get their next token. None: a quarter of max_num_batched_tokens;
     # 0: off (a prompt takes all the budget it can, and arrivals wait for its step to end).
     long_prefill_chunk: int | None = None
+    # What a prompt token's attention adds to its cost per token of context before it, in
+    # units of the token's linear layers (ModelConfig.attention_cost_per_context_token): the
+    # chunk cap counts cost, not tokens, so a chunk late in a long prompt (each token attends
+    # to thousands) is shorter and its step no longer than an early one's. 0: tokens only.
+    context_cost: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
@@ -37,6 +42,8 @@ class SchedulerConfig:
             self.long_prefill_chunk = max(1, self.max_num_batched_tokens // 4)
         if self.long_prefill_chunk < 0:
             raise ValueError("long_prefill_chunk must be >= 0")
+        if not self.context_cost >= 0:
+            raise ValueError("context_cost must be >= 0")
 
 
 @dataclass(slots=True)
@@ -141,7 +148,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._chunk(req.num_tokens, req.num_computed_tokens, budget)
             if not self._reserve(req, num_new, i, out):
                 continue  # req itself was preempted; running[i] is now the next request
             out.seqs.append(ScheduledSeq(req, num_new, self.bm.block_table(req.request_id)))
@@ -152,14 +159,22 @@ class Scheduler:
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
-    def _chunk(self, remaining: int, budget: int) -> int:
+    def _chunk(self, num_tokens: int, num_computed: int, budget: int) -> int:
         """Tokens of a request to compute this step: all it has left within the budget, but at
         most long_prefill_chunk, so that a long prompt does not hold every other request (new
         ones waiting for admission, running ones for their next token) for the seconds a
-        whole budget of prefill takes; its chunks leave room for them in every step."""
-        n = min(remaining, budget)
+        whole budget of prefill takes; its chunks leave room for them in every step. With a
+        context cost, the cap is on cost: a token after ``c`` cached ones costs
+        ``1 + context_cost * c``, so the chunk shrinks as the prompt's context grows (never
+        below 32 tokens, or the cap)."""
+        n = min(num_tokens - num_computed, budget)
         cap = self.config.long_prefill_chunk
-        return min(n, cap) if cap else n
+        if not cap:
+            return n
+        k = self.config.context_cost
+        if k:  # the chunk's tokens at the context of its middle
+            cap = max(min(32, cap), int(cap / (1 + k * (num_computed + cap / 2))))
+        return min(n, cap)
 
     def _reserve(self, req: Request, num_new: int, i: int, out: SchedulerOutput) -> bool:
         """Find blocks for req's next tokens, preempting the lowest-priority later request."""
@@ -181,7 +196,7 @@ class Scheduler:
             cached, num_cached = [], 0
             if req.params.prompt_logprobs is None:  # prompt logprobs need every position computed
                 cached, num_cached = self.bm.find_cached_prefix(req.all_token_ids, req.salt)
-            num_new = self._chunk(req.num_tokens - num_cached, budget)
+            num_new = self._chunk(req.num_tokens, num_cached, budget)
             if not self.bm.allocate(
                 req.request_id, req.all_token_ids, num_cached + num_new, cached, req.salt
             ):
