@@ -25,6 +25,7 @@ from engine_svc.models.config import ModelConfig
 from engine_svc.models.loader import dummy_model, load_model
 from engine_svc.runner.cpu import ModelRunner, RunnerOutput
 from engine_svc.sampler import Sampler, SamplingRow
+from engine_svc.threads import ThreadGovernor, affinity_cores, read_sample
 from protos.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from protos.sampling import MAX_N, SamplingParams
 
@@ -87,6 +88,17 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # CPU threads that follow what other work leaves of the cores (engine_svc.threads),
+        # unless --num-threads fixed them.
+        self.thread_governor = None
+        if self.device.type == "cpu" and not config.num_threads:
+            cores = affinity_cores()
+            self.thread_governor = ThreadGovernor(
+                torch.get_num_threads(),
+                len(cores),
+                torch.set_num_threads,
+                lambda: read_sample(cores),
+            )
         if model_config is None:
             self.model_path = resolve_model_path(config.model, config.progress)
             model_config = ModelConfig.from_dir(self.model_path)
@@ -268,6 +280,8 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.thread_governor is not None:
+            self.thread_governor.tick()
         sched = self.scheduler.schedule()
         self.last_step = StepStats(len(sched.seqs), sched.num_batched_tokens, len(sched.preempted))
         if sched.is_empty:
