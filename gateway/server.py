@@ -228,7 +228,9 @@ class Gateway:
         # the server accepts (the same bound as an HTTP body), not a flat 64 MB.
         options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", c.max_body_bytes)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        self.front = Frontend(self.pool, c.limits, c.max_inflight, self.metrics)
+        self.front = Frontend(
+            self.pool, c.limits, c.max_inflight, self.metrics, keyed=bool(c.api_keys)
+        )
         svc = InferenceService(self.front)
         self.server.add_generic_rpc_handlers((inference_handler(svc),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -9,7 +9,7 @@ import uuid
 
 import grpc
 
-from gateway.errors import Refused, from_exception
+from gateway.errors import Refused, from_exception, presented_key
 from gateway.frontend import Frontend
 from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
@@ -81,7 +81,7 @@ class InferenceService:
             info = self.front.engine_info(request.model)
             check_request_id(rid, self.limits)
             msg = text_request(request, rid, info, self.limits)
-            (stream,) = self.front.open([msg])
+            (stream,) = self.front.open(self._caller(context), [msg])
         except (Refused, InvalidRequestError) as e:
             await self._refuse(context, method, e)
         finished = False
@@ -107,8 +107,9 @@ class InferenceService:
     async def Abort(self, request, context):
         await self._check_parsed(request, context, "Abort")
         resp = pb.AbortResponse()
+        caller = self._caller(context)
         for rid in request.request_ids:
-            (resp.aborted if self.front.abort(rid) else resp.not_found).append(rid)
+            (resp.aborted if self.front.abort(caller, rid) else resp.not_found).append(rid)
         return resp
 
     @_counted
@@ -191,6 +192,13 @@ class InferenceService:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
+    def _caller(self, context) -> str:
+        """The caller (``Frontend.caller``): its key, checked by the interceptor by now, or
+        its connection."""
+        md = dict(context.invocation_metadata() or ())
+        key = presented_key(md.get("authorization", ""), md.get("x-api-key", ""))
+        return self.front.caller(key, "grpc:" + context.peer())
+
     async def _refuse(self, context, method: str, e: Exception):
         r = e if isinstance(e, Refused) else from_exception(e)
         await self._abort(context, method, r.code, r.message)
