@@ -207,7 +207,16 @@ class InferenceService:
         """Every refused or failed RPC ends here, so pagedserve_requests counts it."""
         self.metrics.requests.labels(method, code.name).inc()
         self._aborted.add(context)  # counted: a cancel while the status goes out is not news
-        await context.abort(code, message)
+        try:
+            await context.abort(code, message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise  # AbortError: the status went out
+        except Exception:
+            # grpc could not send the status: the call ended in grpc core while it went out
+            # (the client's cancel or grpc's own deadline won a race with ours), and the
+            # client has its status already. End as the cancel it is, which grpc does not log
+            # (it logged this ExecuteBatchError with a traceback); counted once above.
+            raise asyncio.CancelledError from None
 
     def _count_cancel(self, method: str, context) -> None:
         if context in self._aborted:
