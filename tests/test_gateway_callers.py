@@ -97,6 +97,10 @@ async def _until_first_delta(call, then) -> tuple[list[pb.GenerateResponse], obj
     return responses, result
 
 
+async def _collect(call) -> list[pb.GenerateResponse]:
+    return [r async for r in call]
+
+
 def _abort(c, key_or_none: str | None, rid: str):
     metadata = _auth(key_or_none) if key_or_none else ()
     return c.Abort(pb.AbortRequest(request_ids=[rid]), metadata=metadata, timeout=30)
@@ -138,10 +142,6 @@ def test_two_keys_use_one_id_at_once_and_each_abort_stops_only_its_own(keyed):
     b_final = _final(b_out, "same-id")
     assert (b_code, b_final.finish_reason, b_final.usage.completion_tokens) == (OK, pb.LENGTH, 24)
     keyed.wait_metric("pagedserve_engine_kv_blocks_used", lambda v: v == 0)
-
-
-async def _collect(call) -> list[pb.GenerateResponse]:
-    return [r async for r in call]
 
 
 def test_an_abort_reaches_its_keys_http_request_and_no_other_keys(keyed):
