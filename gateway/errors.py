@@ -90,12 +90,18 @@ def http_status(code: grpc.StatusCode) -> HttpStatus:
     return HTTP.get(code, HTTP[Code.INTERNAL])
 
 
+def presented_key(authorization: str, x_api_key: str) -> str:
+    """The API key a call presents: ``authorization: Bearer KEY``, else ``x-api-key: KEY``
+    (gRPC metadata and HTTP headers alike); empty when it presents none."""
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return x_api_key
+
+
 def api_key_refusal(authorization: str, x_api_key: str, keys: list[bytes]) -> Refused | None:
     """The UNAUTHENTICATED refusal of a call's credentials, or None when they name one of
-    ``keys``: ``authorization: Bearer KEY``, else ``x-api-key: KEY`` (gRPC metadata and HTTP
-    headers alike)."""
-    bearer = authorization.lower().startswith("bearer ")
-    key = authorization[7:].strip() if bearer else x_api_key
+    ``keys``."""
+    key = presented_key(authorization, x_api_key)
     if key and any(hmac.compare_digest(key.encode(), k) for k in keys):
         return None
     if key:

@@ -6,6 +6,8 @@ tokenizer calls. Everything here raises ``Refused``; each front says it in its o
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -64,7 +66,12 @@ class _IndexState:
 
 class Frontend:
     def __init__(
-        self, pool: WorkerPool, limits: Limits, max_inflight: int, metrics: Metrics
+        self,
+        pool: WorkerPool,
+        limits: Limits,
+        max_inflight: int,
+        metrics: Metrics,
+        keyed: bool = False,
     ) -> None:
         self.pool, self.limits, self.max_inflight, self.metrics = (
             pool,
@@ -72,6 +79,19 @@ class Frontend:
             max_inflight,
             metrics,
         )
+        self.keyed = keyed  # API keys are configured: a caller is its key
+        # (caller, the client's request id) -> its open stream: what a duplicate id and an
+        # Abort are looked up in, so one caller can neither refuse nor stop another's request.
+        self.streams: dict[tuple[str, str], Stream] = {}
+        self._serial = itertools.count(1)
+
+    def caller(self, api_key: str, connection: str) -> str:
+        """Who a call comes from, which scopes its request ids and Aborts: its API key when the
+        server has keys (hashed: the key itself is kept nowhere), else its connection (a
+        front-specific address such as ``grpc:ipv4:127.0.0.1:40312``)."""
+        if self.keyed:
+            return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:32]
+        return "connection:" + connection
 
     # -- checks ----------------------------------------------------------------------------
     def engine_info(self, model: str = "") -> ipc_pb2.EngineInfo:
@@ -90,12 +110,12 @@ class Frontend:
         return info
 
     # -- streams ---------------------------------------------------------------------------
-    def open(self, msgs: Sequence[ipc_pb2.TextRequest]) -> list[Stream]:
+    def open(self, caller: str, msgs: Sequence[ipc_pb2.TextRequest]) -> list[Stream]:
         """Send the requests to one tokenizer worker each, all or none: their ids must be free
-        and the in-flight bound must leave room for all of them."""
+        among ``caller``'s streams and the in-flight bound must leave room for all of them."""
         seen: set[str] = set()
         for m in msgs:
-            if m.request_id in self.pool.streams or m.request_id in seen:
+            if (caller, m.request_id) in self.streams or m.request_id in seen:
                 raise Refused(Code.INVALID_ARGUMENT, f"request_id {m.request_id!r} is in flight")
             seen.add(m.request_id)
         if len(self.pool.streams) + len(msgs) > self.max_inflight:
@@ -110,17 +130,32 @@ class Frontend:
         # No await between the checks above and the opens: a concurrent request with the same
         # id must see these. One pick per open, so the prompts of one request spread over the
         # workers by load.
-        streams = [self.pool.open(m.request_id, self.pool.pick(), m) for m in msgs]
+        streams = [self._open(caller, m) for m in msgs]
         self.metrics.inflight.inc(len(streams))
         return streams
+
+    def _open(self, caller: str, msg: ipc_pb2.TextRequest) -> Stream:
+        client_id = msg.request_id
+        # Two callers may use one id at once: the workers and engines get the gateway's own,
+        # unique id (a client's id has no '/'); the client sees only its own.
+        msg.request_id = f"{next(self._serial)}/{client_id}"
+        stream = self.pool.open(msg.request_id, self.pool.pick(), msg)
+        stream.client_id, stream.caller = client_id, caller
+        self.streams[(caller, client_id)] = stream
+        return stream
 
     def close(self, stream: Stream, finished: bool) -> None:
         """Forget a stream; one that did not finish is aborted in the engine."""
         self.metrics.inflight.dec()
+        key = (stream.caller, stream.client_id)
+        if self.streams.get(key) is stream:
+            del self.streams[key]
         self.pool.close_stream(stream, abort=not finished)
 
-    def abort(self, request_id: str) -> bool:
-        stream = self.pool.streams.get(request_id)
+    def abort(self, caller: str, request_id: str) -> bool:
+        """Stop ``caller``'s stream ``request_id``; False when ``caller`` has none of that id
+        (another caller's stream of that id is not its to stop)."""
+        stream = self.streams.get((caller, request_id))
         if stream is None:
             return False
         self.pool.abort(stream)
@@ -145,11 +180,11 @@ class Frontend:
                 for i, s in enumerate(states):
                     if not s.final:
                         self.metrics.finished(model, s.finished("abort", time.monotonic(), t0))
-                        yield _final_aborted(stream.request_id, i, s, t0)
+                        yield _final_aborted(stream.client_id, i, s, t0)
                 return
             if isinstance(item, ipc_pb2.RequestError):
                 raise from_ipc(item.code, item.message)
-            for resp in self._responses(stream.request_id, item, states, t0, model):
+            for resp in self._responses(stream.client_id, item, states, t0, model):
                 yield resp
 
     def _responses(

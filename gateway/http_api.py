@@ -40,6 +40,7 @@ from gateway.errors import (
     api_key_refusal,
     from_exception,
     http_status,
+    presented_key,
 )
 from gateway.frontend import Frontend
 from gateway.openai_protocol import (
@@ -184,6 +185,14 @@ class OpenAIApi:
             return _error(r)
         return response
 
+    def _caller(self, request: Request) -> str:
+        """The caller (``Frontend.caller``): its key, checked by ``_check_key`` by now, or its
+        connection (no abort endpoint here, but request ids are scoped the same way)."""
+        h, client = request.headers, request.client
+        key = presented_key(h.get("authorization", ""), h.get("x-api-key", ""))
+        where = f"{client.host}:{client.port}" if client is not None else "?"
+        return self.front.caller(key, "http:" + where)
+
     def _request_id(self, request: Request, body_id: str | None) -> str:
         rid = body_id or request.headers.get("x-request-id") or uuid.uuid4().hex
         check_request_id(rid, self.front.limits)
@@ -211,7 +220,7 @@ class OpenAIApi:
             check_request_id(ids[-1], self.front.limits)  # the longest one
             msgs = [body.internal(r, p, info, self.front.limits) for r, p in zip(ids, prompts)]
         n = msgs[0].params.n or 1
-        streams = self.front.open(msgs)
+        streams = self.front.open(self._caller(request), msgs)
         gen = _Generation(self, streams, n, t0, body, chat, info.model_id, rid)
         headers = {"x-request-id": rid}
         try:
@@ -440,7 +449,7 @@ class _Generation:
         except Refused as e:
             await self._queue.put((i, e))
         except Exception:
-            log.exception("relaying %s failed", stream.request_id)
+            log.exception("relaying %s failed", stream.client_id)
             await self._queue.put((i, Refused(Code.INTERNAL, "internal error (logged)")))
         finally:
             await self._queue.put((i, None))

@@ -199,6 +199,7 @@ def _denied(handler, refusal: Refused, metrics: Metrics, method: str):
     return grpc.unary_unary_rpc_method_handler(deny, **kw)
 
 
+NO_LIMIT = 2**31 - 1  # the largest value a grpc integer option takes
 SERVER_OPTIONS = [
     # Long prefills leave streams silent for a while: let clients ping every 10 s and keep
     # idle connections, instead of answering their pings with GOAWAY.
@@ -210,6 +211,13 @@ SERVER_OPTIONS = [
     # gRPC sets SO_REUSEPORT by default: a second server on the port would then start without
     # an error and take half the connections. One server per port.
     ("grpc.so_reuseport", 0),
+    # grpc core keeps calls that arrived before the event loop asked for them in a pending
+    # queue, and past 1,000 of them (all of them past 3,000) ends new ones with CANCELLED
+    # before any handler sees them: a burst of a few thousand streams got uncounted CANCELLED
+    # answers. The in-flight bound (--max-inflight) is the admission control: let every call
+    # through to it, so each refusal is RESOURCE_EXHAUSTED and counted in pagedserve_requests.
+    ("grpc.server.max_pending_requests", NO_LIMIT),
+    ("grpc.server.max_pending_requests_hard_limit", NO_LIMIT),
 ]
 
 
@@ -231,7 +239,9 @@ class Gateway:
         # the server accepts (the same bound as an HTTP body), not a flat 64 MB.
         options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", c.max_body_bytes)]
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
-        self.front = Frontend(self.pool, c.limits, c.max_inflight, self.metrics)
+        self.front = Frontend(
+            self.pool, c.limits, c.max_inflight, self.metrics, keyed=bool(c.api_keys)
+        )
         svc = InferenceService(self.front)
         self.server.add_generic_rpc_handlers((inference_handler(svc),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -9,7 +9,7 @@ import uuid
 
 import grpc
 
-from gateway.errors import Refused, from_exception
+from gateway.errors import Refused, from_exception, presented_key
 from gateway.frontend import Frontend
 from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
@@ -81,7 +81,7 @@ class InferenceService:
             info = self.front.engine_info(request.model)
             check_request_id(rid, self.limits)
             msg = text_request(request, rid, info, self.limits)
-            (stream,) = self.front.open([msg])
+            (stream,) = self.front.open(self._caller(context), [msg])
         except (Refused, InvalidRequestError) as e:
             await self._refuse(context, method, e)
         finished = False
@@ -107,8 +107,9 @@ class InferenceService:
     async def Abort(self, request, context):
         await self._check_parsed(request, context, "Abort")
         resp = pb.AbortResponse()
+        caller = self._caller(context)
         for rid in request.request_ids:
-            (resp.aborted if self.front.abort(rid) else resp.not_found).append(rid)
+            (resp.aborted if self.front.abort(caller, rid) else resp.not_found).append(rid)
         return resp
 
     @_counted
@@ -191,6 +192,13 @@ class InferenceService:
         return out
 
     # -- helpers ---------------------------------------------------------------------------
+    def _caller(self, context) -> str:
+        """The caller (``Frontend.caller``): its key, checked by the interceptor by now, or
+        its connection."""
+        md = dict(context.invocation_metadata() or ())
+        key = presented_key(md.get("authorization", ""), md.get("x-api-key", ""))
+        return self.front.caller(key, "grpc:" + context.peer())
+
     async def _refuse(self, context, method: str, e: Exception):
         r = e if isinstance(e, Refused) else from_exception(e)
         self.metrics.count_refusal(r)
@@ -200,7 +208,16 @@ class InferenceService:
         """Every refused or failed RPC ends here, so pagedserve_requests counts it."""
         self.metrics.requests.labels(method, code.name).inc()
         self._aborted.add(context)  # counted: a cancel while the status goes out is not news
-        await context.abort(code, message)
+        try:
+            await context.abort(code, message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise  # AbortError: the status went out
+        except Exception:
+            # grpc could not send the status: the call ended in grpc core while it went out
+            # (the client's cancel or grpc's own deadline won a race with ours), and the
+            # client has its status already. End as the cancel it is, which grpc does not log
+            # (it logged this ExecuteBatchError with a traceback); counted once above.
+            raise asyncio.CancelledError from None
 
     def _count_cancel(self, method: str, context) -> None:
         if context in self._aborted:

@@ -52,8 +52,10 @@ class WorkerGone(Exception):
 
 @dataclass(slots=True)
 class Stream:
-    request_id: str
+    request_id: str  # the gateway's own id, unique among its streams: the workers know this one
     worker: bytes
+    client_id: str = ""  # the id the client gave and sees (gateway/frontend.py sets it)
+    caller: str = ""  # who opened the stream: client_id and Abort are scoped to it
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # TextDelta | RequestError
     opened: float = field(default_factory=time.monotonic)
 

@@ -113,7 +113,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Stop a running request by id from any connection; its stream ends with Final{ABORTED}.
+        """Stop the caller's running requests by id (the caller: its API key, or its connection when
+        the server has no keys); its stream ends with Final{ABORTED}.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
