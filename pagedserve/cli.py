@@ -121,7 +121,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--num-threads",
         type=positive_int,
         default=None,
-        help="torch intra-op threads of the engine (default: torch's choice, one per core)",
+        help="torch intra-op threads of the engine, fixed (default: one per core, fewer "
+        "while other processes keep part of the cores busy)",
     )
 
 
