@@ -159,11 +159,12 @@ def test_addresses_line_up(services):
 
 
 def test_model_cache_volume_is_shared_at_the_same_path(compose, services, dockerfile):
-    assert list(compose["volumes"]) == ["models"]
+    assert list(compose["volumes"]) == ["models", "kernels"]
     mounts = {}
     for name in ("engine", "engine-cpu", "tokenizer"):
-        (spec,) = services[name]["volumes"]
-        source, target, *mode = spec.split(":")
+        spec = [v for v in services[name]["volumes"] if v.startswith("models:")]
+        assert len(spec) == 1, name
+        source, target, *mode = spec[0].split(":")
         assert source == "models", name
         mounts[name] = (target, mode)
     targets = {t for t, _ in mounts.values()}
@@ -177,6 +178,19 @@ def test_model_cache_volume_is_shared_at_the_same_path(compose, services, docker
     runs = " ".join(a for i, a in dockerfile if i == "RUN")
     assert f"mkdir {target}" in runs and re.search(rf"chown \S+ {re.escape(target)}\b", runs)
     assert "volumes" not in services["gateway"]
+
+
+def test_engines_keep_their_kernel_builds_in_a_volume(services, dockerfile):
+    """The torch extension cache the image builds the CPU kernels into is a named volume on
+    the engines, so a build made at start (another CPU than the image's) survives recreation;
+    the user owns the directory, so the fresh volume is writable."""
+    where = _dockerfile_env(dockerfile)["TORCH_EXTENSIONS_DIR"]
+    for name in ("engine", "engine-cpu"):
+        assert f"kernels:{where}" in services[name]["volumes"], name
+    runs = " ".join(a for i, a in dockerfile if i == "RUN")
+    assert "pagedserve build-kernels" in runs
+    assert re.search(rf"chown -R \S+ \"?\$TORCH_EXTENSIONS_DIR", runs)
+    assert "kernels:" not in str(services["tokenizer"].get("volumes"))
 
 
 def test_gpu_engine_reserves_a_gpu_and_is_built_with_cuda_torch(services):
