@@ -40,7 +40,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_waiting: int = 4096
-    long_prefill_chunk: int | None = None  # see SchedulerConfig; None = max_num_batched_tokens/4
+    long_prefill_chunk: int | None = None  # see SchedulerConfig; None = max_num_batched_tokens/8
     enable_prefix_caching: bool = True
     seed: int = 0
     progress: bool = True  # progress bars on model fetch and load

@@ -99,6 +99,7 @@ class LLMEngine:
                 torch.set_num_threads,
                 lambda: read_sample(cores),
             )
+            self.thread_governor.tick()  # the first look: the first step compares with it
         if model_config is None:
             self.model_path = resolve_model_path(config.model, config.progress)
             model_config = ModelConfig.from_dir(self.model_path)

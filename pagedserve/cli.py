@@ -91,7 +91,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="a prompt is prefilled at most this many tokens per step, so a long prompt does "
         "not hold up new requests' first tokens and running ones' next tokens for a whole "
         "step's budget; counted as cost, so chunks late in a long prompt, whose tokens attend "
-        "to more context, are shorter (default: a quarter of the step's token budget; 0 = off)",
+        "to more context, are shorter (default: an eighth of the step's token budget, 256 of 2048; "
+        "0 = off)",
     )
     g.add_argument(
         "--no-prefix-caching",

@@ -189,7 +189,7 @@ def test_engines_keep_their_kernel_builds_in_a_volume(services, dockerfile):
         assert f"kernels:{where}" in services[name]["volumes"], name
     runs = " ".join(a for i, a in dockerfile if i == "RUN")
     assert "pagedserve build-kernels" in runs
-    assert re.search(rf"chown -R \S+ \"?\$TORCH_EXTENSIONS_DIR", runs)
+    assert re.search(r"chown -R \S+ \"?\$TORCH_EXTENSIONS_DIR", runs)
     assert "kernels:" not in str(services["tokenizer"].get("volumes"))
 
 

@@ -247,8 +247,8 @@ def test_the_chunk_cap_counts_attention_cost_as_the_context_grows() -> None:
         SchedulerConfig(context_cost=float("nan"))
 
 
-def test_long_prefill_chunk_defaults_to_a_quarter_of_the_budget() -> None:
-    assert SchedulerConfig(max_num_batched_tokens=2048).long_prefill_chunk == 512
+def test_long_prefill_chunk_defaults_to_an_eighth_of_the_budget() -> None:
+    assert SchedulerConfig(max_num_batched_tokens=2048).long_prefill_chunk == 256
     assert SchedulerConfig(max_num_batched_tokens=3).long_prefill_chunk == 1
     with pytest.raises(ValueError):
         SchedulerConfig(long_prefill_chunk=-1)

@@ -25,7 +25,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     # A prompt is prefilled at most this many tokens per step, so one step never holds the
     # engine for a whole long prefill: requests that arrive meanwhile are admitted after one
-    # chunk, and running ones get their next token. None: a quarter of max_num_batched_tokens;
+    # chunk, and running ones get their next token. None: an eighth of max_num_batched_tokens;
     # 0: off (a prompt takes all the budget it can, and arrivals wait for its step to end).
     long_prefill_chunk: int | None = None
     # What a prompt token's attention adds to its cost per token of context before it, in
@@ -39,7 +39,7 @@ class SchedulerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.long_prefill_chunk is None:
-            self.long_prefill_chunk = max(1, self.max_num_batched_tokens // 4)
+            self.long_prefill_chunk = max(1, self.max_num_batched_tokens // 8)
         if self.long_prefill_chunk < 0:
             raise ValueError("long_prefill_chunk must be >= 0")
         if not self.context_cost >= 0:
