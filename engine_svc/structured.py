@@ -78,9 +78,7 @@ class GrammarCompiler:
         try:
             text = grammar_text(spec)
         except ValueError as e:  # grammar_from_json_schema: not a JSON object
-            raise InvalidRequestError(
-                f"bad {spec.kind}: {e}", param="structured_output"
-            ) from None
+            raise InvalidRequestError(f"bad {spec.kind}: {e}", param="structured_output") from None
         matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(
