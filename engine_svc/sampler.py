@@ -240,17 +240,21 @@ def _apply_bias_and_bans(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 def apply_token_mask(x: torch.Tensor, mask: TokenMask) -> None:
     """Set the tokens ``mask`` disallows to -inf in its rows of ``x`` [B, vocab], in place: the
-    bits are unpacked for those rows only, in one batched shift. Tokens past the bitmask's
+    bits are unpacked for those rows only, in one batched AND. Tokens past the bitmask's
     width are disallowed."""
     vocab = x.shape[1]
     bitmask = mask.bitmask.to(x.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+    bits = torch.ones(32, dtype=torch.int32, device=x.device) << torch.arange(
+        32, dtype=torch.int32, device=x.device
+    )  # 1 << 31 is the sign bit: & still tests it
     # [R, words, 32] -> [R, words * 32]: bit j of word w is token 32 * w + j.
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    disallowed = ((bitmask[:, :, None] & bits) == 0).flatten(1)
+    if disallowed.shape[1] < vocab:
+        disallowed = torch.nn.functional.pad(
+            disallowed, (0, vocab - disallowed.shape[1]), value=True
+        )
     idx = torch.tensor(mask.rows, device=x.device)
-    x[idx] = x[idx].masked_fill_(~allowed[:, :vocab], _NEG_INF)
+    x[idx] = x[idx].masked_fill_(disallowed[:, :vocab], _NEG_INF)
 
 
 def _revive_dead_rows(x: torch.Tensor, raw: torch.Tensor, mask: TokenMask | None) -> None:
