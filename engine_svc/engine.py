@@ -6,6 +6,7 @@ import itertools
 import logging
 import operator
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from engine_svc.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutpu
 from engine_svc.models.config import ModelConfig
 from engine_svc.models.loader import dummy_model, load_model
 from engine_svc.runner.cpu import ModelRunner, RunnerOutput
-from engine_svc.sampler import Sampler, SamplingRow
+from engine_svc.sampler import Sampler, SamplingRow, TokenMask
+from engine_svc.structured import GrammarCompiler
 from engine_svc.threads import ThreadGovernor, affinity_cores, read_sample
 from protos.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from protos.sampling import MAX_N, SamplingParams
@@ -182,6 +184,14 @@ class LLMEngine:
                 resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype),
             )
         self.sampler = Sampler()
+        # Structured output needs the tokenizer's vocabulary (none with dummy weights).
+        self.grammars: GrammarCompiler | None = None
+        if self.model_path is not None and (self.model_path / "tokenizer.json").is_file():
+            self.grammars = GrammarCompiler(
+                self.model_path / "tokenizer.json", mc.vocab_size, mc.eos_token_ids
+            )
+        # One thread computes a step's grammar masks while the forward runs (made on first use).
+        self._mask_pool: ThreadPoolExecutor | None = None
         self._seq = itertools.count()
         self.last_step = StepStats()
 
@@ -223,6 +233,7 @@ class LLMEngine:
                     arrival_seq=next(self._seq),
                     priority=priority,
                     generator=gen,
+                    matcher=self._matcher(params),
                 )
             )
         for r in reqs:
@@ -237,6 +248,7 @@ class LLMEngine:
             raise InvalidRequestError("sampling params must be a SamplingParams")
         prompt = self._check_prompt(prompt_token_ids)
         params.check_vocab(self.model_config.vocab_size)
+        self._matcher(params)  # compiles (and caches) the grammar: a bad one fails here
         room = self.max_model_len - len(prompt)
         if room < 1:
             raise ContextLengthError(
@@ -249,6 +261,17 @@ class LLMEngine:
                 f"context length ({self.max_model_len})"
             )
         return prompt, room
+
+    def _matcher(self, params: SamplingParams):
+        """A fresh grammar matcher for one sequence of a structured-output request."""
+        if params.structured_output is None:
+            return None
+        if self.grammars is None:
+            raise InvalidRequestError(
+                "structured output needs the model's tokenizer (this engine has none)",
+                param="structured_output",
+            )
+        return self.grammars.matcher(params.structured_output)
 
     def _check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
         if prompt_token_ids is None or len(prompt_token_ids) == 0:
@@ -287,12 +310,15 @@ class LLMEngine:
         self.last_step = StepStats(len(sched.seqs), sched.num_batched_tokens, len(sched.preempted))
         if sched.is_empty:
             return []
+        masks = self._start_masks(sched)
         try:
             runner_out = self.runner.execute(sched)
-            sampled = self._sample(runner_out)
+            sampled = self._sample(runner_out, masks)
             self._record_prompt_logprobs(sched, runner_out)
             self.scheduler.update(sched, sampled)
         except BaseException:
+            if masks is not None:  # it reads the matchers: let it end before anyone moves them
+                masks.exception()
             # This step's KV writes may not have happened: its blocks must not be prefix hits.
             # Counted back from where the request stands (update may or may not have moved
             # it on): forgetting a block too many only costs a cache hit.
@@ -312,11 +338,29 @@ class LLMEngine:
             )
         return outputs
 
-    def _sample(self, runner_out: RunnerOutput) -> dict[str, int]:
+    def _start_masks(self, sched: SchedulerOutput) -> Future | None:
+        """Start computing the grammar masks of the constrained rows that sample this step, on
+        a thread beside the forward pass (their matchers stand still until update). None when
+        no row is constrained: unconstrained steps pay nothing."""
+        reqs = [s.request for s in sched.seqs if s.samples and s.request.matcher is not None]
+        if not reqs:
+            return None
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        return self._mask_pool.submit(self.grammars.fill_bitmask, reqs)
+
+    def _sample(self, runner_out: RunnerOutput, masks: Future | None = None) -> dict[str, int]:
         if not runner_out.sample_seqs:
             return {}
         rows = [self._sampling_row(s.request) for s in runner_out.sample_seqs]
-        result = self.sampler(runner_out.sample_logits, rows)
+        token_mask = None
+        if masks is not None:
+            bitmask, row_of = masks.result()
+            seqs = runner_out.sample_seqs
+            mine = [i for i, s in enumerate(seqs) if s.request.request_id in row_of]
+            order = [row_of[seqs[i].request.request_id] for i in mine]
+            token_mask = TokenMask(mine, bitmask[order])
+        result = self.sampler(runner_out.sample_logits, rows, token_mask)
         sampled = {}
         for i, s in enumerate(runner_out.sample_seqs):
             req = s.request

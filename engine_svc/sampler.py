@@ -3,6 +3,8 @@
 Processing order (vLLM V1's), each step a few batched tensor ops, never a Python loop over the
 vocabulary:
 
+0. structured-output rows: tokens their grammar does not allow (a bitmask, ``TokenMask``) are
+   set to -inf in one batched op over those rows only;
 1. ``logit_bias`` is added, then banned ids (e.g. EOS and stop ids before ``min_tokens``) are
    set to -inf;
 2. repetition penalty on tokens seen in the prompt or the output (positive logits divided by
@@ -51,6 +53,16 @@ class SamplingRow:
 
 
 @dataclass(slots=True)
+class TokenMask:
+    """The allowed tokens of the rows under a grammar: ``bitmask[j]`` (int32 words, bit
+    ``t % 32`` of word ``t // 32`` for token t, llguidance's layout) belongs to row
+    ``rows[j]``. Rows not listed are unconstrained."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, any device
+
+
+@dataclass(slots=True)
 class SampleResult:
     token_ids: list[int]
     # Raw-distribution logprob of the sampled token, for rows with params.logprobs set.
@@ -66,19 +78,29 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
-        """Sample one token per row from ``logits`` [len(rows), vocab] (any float dtype)."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SamplingRow],
+        token_mask: TokenMask | None = None,
+    ) -> SampleResult:
+        """Sample one token per row from ``logits`` [len(rows), vocab] (any float dtype),
+        among the tokens ``token_mask`` allows for the rows it lists."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         n = len(rows)
-        if all(_plain_greedy(r) for r in rows):  # fast path: one op
+        if token_mask is not None and not token_mask.rows:
+            token_mask = None
+        if token_mask is None and all(_plain_greedy(r) for r in rows):  # fast path: one op
             return SampleResult(logits.argmax(dim=-1).tolist(), [None] * n, [None] * n)
 
         x = logits.to(torch.float32, copy=True)  # never touch the caller's tensor
+        if token_mask is not None:
+            apply_token_mask(x, token_mask)
         _apply_bias_and_bans(x, rows)
         if any(_has_penalties(r.params) for r in rows):
             apply_penalties(x, rows)
-        _revive_dead_rows(x, logits)
+        _revive_dead_rows(x, logits, token_mask)
         tokens = self._choose(x, rows)
         logprobs, top = _raw_logprobs(logits, rows, tokens)
         return SampleResult(tokens.tolist(), logprobs, top)
@@ -216,13 +238,41 @@ def _apply_bias_and_bans(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         x[torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)] = _NEG_INF
 
 
-def _revive_dead_rows(x: torch.Tensor, raw: torch.Tensor) -> None:
-    """A row with every token at -inf (all banned: an upstream bug) would give NaN
-    probabilities. Fall back to its raw logits, -inf made finite, so it still yields an
-    in-range token."""
+def apply_token_mask(x: torch.Tensor, mask: TokenMask) -> None:
+    """Set the tokens ``mask`` disallows to -inf in its rows of ``x`` [B, vocab], in place: the
+    bits are unpacked for those rows only, in one batched AND. Tokens past the bitmask's
+    width are disallowed."""
+    vocab = x.shape[1]
+    bitmask = mask.bitmask.to(x.device, non_blocking=True)
+    bits = torch.ones(32, dtype=torch.int32, device=x.device) << torch.arange(
+        32, dtype=torch.int32, device=x.device
+    )  # 1 << 31 is the sign bit: & still tests it
+    # [R, words, 32] -> [R, words * 32]: bit j of word w is token 32 * w + j.
+    disallowed = ((bitmask[:, :, None] & bits) == 0).flatten(1)
+    if disallowed.shape[1] < vocab:
+        disallowed = torch.nn.functional.pad(
+            disallowed, (0, vocab - disallowed.shape[1]), value=True
+        )
+    idx = torch.tensor(mask.rows, device=x.device)
+    x[idx] = x[idx].masked_fill_(disallowed[:, :vocab], _NEG_INF)
+
+
+def _revive_dead_rows(x: torch.Tensor, raw: torch.Tensor, mask: TokenMask | None) -> None:
+    """A row with every token at -inf would give NaN probabilities: fall back to its raw
+    logits, -inf made finite, so it still yields an in-range token. That happens when bans
+    (EOS before min_tokens) remove the only tokens a grammar allows, e.g. EOS once it is
+    complete: the grammar wins, so a constrained row keeps its mask."""
     dead = x.amax(dim=-1) == _NEG_INF
-    if bool(dead.any()):
-        x[dead] = torch.nan_to_num(raw[dead].float())
+    if not bool(dead.any()):
+        return
+    revived = torch.nan_to_num(raw.float())
+    if mask is not None:
+        masked = revived.clone()
+        apply_token_mask(masked, mask)
+        # A mask that allows nothing (a matcher in its error state) cannot be kept.
+        keep = masked.amax(dim=-1) > _NEG_INF
+        revived = torch.where(keep[:, None], masked, revived)
+    x[dead] = revived[dead]
 
 
 def _token_counts(

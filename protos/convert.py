@@ -5,7 +5,7 @@ to and from ``ipc_pb2.SamplingParams``. The gateway side calls ``params_to_proto
 from __future__ import annotations
 
 from protos.pagedserve.internal.v1 import ipc_pb2
-from protos.sampling import SamplingParams
+from protos.sampling import SamplingParams, StructuredOutput
 
 
 def params_to_proto(p: SamplingParams) -> ipc_pb2.SamplingParams:
@@ -31,7 +31,26 @@ def params_to_proto(p: SamplingParams) -> ipc_pb2.SamplingParams:
         m.logprobs = p.logprobs
     if p.logit_bias:
         m.logit_bias.update(p.logit_bias)
+    if p.structured_output is not None:
+        m.structured_output.CopyFrom(structured_to_proto(p.structured_output))
     return m
+
+
+def structured_to_proto(so: StructuredOutput) -> ipc_pb2.StructuredOutput:
+    kind = so.kind
+    if kind == "choice":
+        return ipc_pb2.StructuredOutput(choice=ipc_pb2.ChoiceList(choices=so.choice))
+    return ipc_pb2.StructuredOutput(**{kind: getattr(so, kind)})
+
+
+def structured_from_proto(m: ipc_pb2.StructuredOutput) -> StructuredOutput | None:
+    """None when no kind is set (the field was absent); otherwise re-validated."""
+    kind = m.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(m.choice.choices))
+    return StructuredOutput(**{kind: getattr(m, kind)})
 
 
 def params_from_proto(m: ipc_pb2.SamplingParams) -> SamplingParams:
@@ -52,4 +71,5 @@ def params_from_proto(m: ipc_pb2.SamplingParams) -> SamplingParams:
         stop_token_ids=list(m.stop_token_ids),
         ignore_eos=m.ignore_eos,
         logprobs=m.logprobs if m.HasField("logprobs") else None,
+        structured_output=structured_from_proto(m.structured_output),
     )

@@ -10,6 +10,7 @@ loading protobuf.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from protos.errors import InvalidRequestError
@@ -24,11 +25,84 @@ ADDED_STOP_TOKEN_IDS = 8
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
 MAX_SEED = 2**63 - 1
+# Bounds on a structured-output spec: the engine compiles it while the request is added, so an
+# unbounded one would stall every other request's step.
+MAX_SPEC_CHARS = 100_000
+MAX_CHOICES = 256
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise InvalidRequestError(msg)
+
+
+@dataclass(slots=True, frozen=True)
+class StructuredOutput:
+    """What a request's output must match: exactly one of a JSON schema (JSON text, or a dict
+    that is serialized here), any JSON object, a regex (matched in full), one of a list of
+    strings, or a Lark grammar in llguidance's dialect. Only the form is checked here; the
+    engine compiles the spec against its tokenizer when the request is added and raises
+    ``InvalidRequestError`` with the compiler's message for a bad schema, regex or grammar."""
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):  # frozen: set through object
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if self.choice is not None and not isinstance(self.choice, str):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        kinds = [k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k)]
+        kinds += ["json_object"] if self.json_object is True else []
+        if len(kinds) != 1:
+            raise InvalidRequestError(
+                "structured_output needs exactly one of json_schema, json_object, regex, "
+                f"choice, grammar; got {kinds or 'none'}",
+                param="structured_output",
+            )
+        self._check_kind(kinds[0])
+
+    def _check_kind(self, kind: str) -> None:
+        if kind == "json_object":
+            return
+        if kind == "choice":
+            _check_spec(
+                all(isinstance(c, str) and c for c in self.choice),
+                "choice must be a list of non-empty strings",
+            )
+            _check_spec(len(self.choice) <= MAX_CHOICES, f"at most {MAX_CHOICES} choices")
+            _check_spec(sum(map(len, self.choice)) <= MAX_SPEC_CHARS, _too_long("choice"))
+            return
+        text = getattr(self, kind)
+        _check_spec(isinstance(text, str), f"{kind} must be a string")
+        _check_spec(len(text) <= MAX_SPEC_CHARS, _too_long(kind))
+        if kind == "json_schema":
+            try:
+                schema = json.loads(text)
+            except ValueError as e:
+                raise InvalidRequestError(
+                    f"json_schema is not valid JSON: {e}", param="structured_output"
+                ) from None
+            _check_spec(isinstance(schema, (dict, bool)), "json_schema must be a JSON object")
+
+    @property
+    def kind(self) -> str:
+        """Which of the five this spec is."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json_schema", "regex", "choice", "grammar") if getattr(self, k))
+
+
+def _check_spec(cond: bool, msg: str) -> None:
+    if not cond:
+        raise InvalidRequestError(msg, param="structured_output")
+
+
+def _too_long(kind: str) -> str:
+    return f"{kind} is longer than {MAX_SPEC_CHARS} characters"
 
 
 @dataclass(slots=True)
@@ -60,6 +134,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constrains the output to a schema, regex, choice or grammar (the engine masks the logits).
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -150,6 +226,10 @@ class SamplingParams:
             )
         if self.top_k == -1:
             self.top_k = 0
+        _check(
+            self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+            "structured_output must be a StructuredOutput",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,15 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
+class GrammarMatcher(Protocol):
+    """A structured-output request's grammar state (an ``llguidance.LLMatcher``; the engine
+    makes it, this layer only advances it and asks whether it is done)."""
+
+    def consume_token(self, token_id: int) -> bool: ...
+
+    def is_stopped(self) -> bool: ...
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One sequence. ``n > 1`` becomes n Requests that share the prompt (and its blocks)."""
@@ -38,6 +48,9 @@ class Request:
     priority: int = 0  # lower runs first, as in vLLM
     generator: torch.Generator | None = None
     salt: bytes | None = None
+    # Set for structured output: it has consumed exactly output_token_ids. Preemption keeps the
+    # output tokens (the recompute is of KV only), so it keeps the matcher as it is too.
+    matcher: GrammarMatcher | None = None
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -76,6 +89,10 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.matcher is not None:
+            # The sampler's mask allowed only tokens the grammar accepts; a refusal puts the
+            # matcher in its error state, which is_stopped() reports, ending the request.
+            self.matcher.consume_token(token_id)
 
     def check_stop(self, max_model_len: int) -> FinishReason | None:
         """Decide, after a token was appended, whether the request is done."""
@@ -88,6 +105,10 @@ class Request:
             if last in self.params.stop_token_ids:
                 self.stop_token_id = last
                 return FinishReason.STOP
+        # A grammar that admits no further token is complete: stop now rather than spend a
+        # step on the EOS the mask would force (min_tokens cannot outlast the grammar).
+        if self.matcher is not None and self.matcher.is_stopped():
+            return FinishReason.STOP
         if n_out >= self.max_tokens or self.num_tokens >= max_model_len:
             return FinishReason.LENGTH
         return None
