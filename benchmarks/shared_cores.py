@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, default=8, help="requests in the batch (default 8)")
+    p.add_argument("--batch", type=int, default=16, help="requests in the batch (default 16)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens (default 64)")
     p.add_argument(
