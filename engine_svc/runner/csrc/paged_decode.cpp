@@ -473,7 +473,30 @@ static void decode_kernel(
 }
 
 // The cache may be stored narrower than the query: the query's own dtype, bfloat16, float16,
-// or int8 with its scales ([KVH, NB, BS] float32 each for K and V).
+// or int8 with its scales ([KVH, NB, BS] float32 each for K and V). Checks that, and returns
+// the key and value scales of an int8 cache (null for the others). Shared with paged_prefill.
+std::pair<const float*, const float*> cache_scales(
+    at::ScalarType qt, const torch::Tensor& key_cache, const torch::Tensor& value_cache,
+    const c10::optional<torch::Tensor>& key_scales,
+    const c10::optional<torch::Tensor>& value_scales) {
+  const auto ct = key_cache.scalar_type();
+  TORCH_CHECK(value_cache.scalar_type() == ct, "key and value caches differ in dtype");
+  TORCH_CHECK(ct == qt || ct == torch::kBFloat16 || ct == torch::kHalf || ct == torch::kChar,
+              "cache dtype ", ct, " with query dtype ", qt,
+              ": the cache is the query's dtype, bfloat16, float16 or int8");
+  const bool int8 = ct == torch::kChar;
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()) &&
+                  (int8 || (!key_scales.has_value() && !value_scales.has_value())),
+              "an int8 cache needs its key and value scales, other caches none");
+  if (!int8) return {nullptr, nullptr};
+  for (const auto* sc : {&*key_scales, &*value_scales})
+    TORCH_CHECK(sc->scalar_type() == torch::kFloat32 && sc->is_contiguous() && sc->dim() == 3 &&
+                    sc->size(0) == key_cache.size(0) && sc->size(1) == key_cache.size(1) &&
+                    sc->size(2) == key_cache.size(2),
+                "scales must be contiguous float32 [kv_heads, blocks, block_size]");
+  return {key_scales->data_ptr<float>(), value_scales->data_ptr<float>()};
+}
+
 torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
                            torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
                            c10::optional<torch::Tensor> key_scales,
@@ -495,25 +518,9 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor key_cache, torch::
   TORCH_CHECK(KVH > 0 && BS > 0 && H % KVH == 0 && key_cache.size(3) == D, "shape mismatch");
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "key and value caches differ in shape");
   const auto qt = query.scalar_type(), ct = key_cache.scalar_type();
-  TORCH_CHECK(value_cache.scalar_type() == ct, "key and value caches differ in dtype");
-  TORCH_CHECK(ct == qt || ct == torch::kBFloat16 || ct == torch::kHalf || ct == torch::kChar,
-              "cache dtype ", ct, " with query dtype ", qt,
-              ": the cache is the query's dtype, bfloat16, float16 or int8");
-  const bool int8 = ct == torch::kChar;
-  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()) &&
-                  (int8 || (!key_scales.has_value() && !value_scales.has_value())),
-              "an int8 cache needs its key and value scales, other caches none");
-  const float* ksp = nullptr;
-  const float* vsp = nullptr;
-  if (int8) {
-    for (const auto* sc : {&*key_scales, &*value_scales})
-      TORCH_CHECK(sc->scalar_type() == torch::kFloat32 && sc->is_contiguous() &&
-                      sc->dim() == 3 && sc->size(0) == KVH && sc->size(1) == NB &&
-                      sc->size(2) == BS,
-                  "scales must be contiguous float32 [kv_heads, blocks, block_size]");
-    ksp = key_scales->data_ptr<float>();
-    vsp = value_scales->data_ptr<float>();
-  }
+  const auto scales = cache_scales(qt, key_cache, value_cache, key_scales, value_scales);
+  const float* ksp = scales.first;  // null unless the cache is int8
+  const float* vsp = scales.second;
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && lens.numel() == n,
               "block_tables / seq_lens do not have one row per query");
   {  // Every block the kernel will read exists: O(n * W), nothing next to the attention.

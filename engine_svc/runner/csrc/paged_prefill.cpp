@@ -241,6 +241,10 @@ static void run(const scalar_t* q, int64_t q_stride, scalar_t* out, const void* 
 
 }  // namespace prefill
 
+std::pair<const float*, const float*> cache_scales(  // paged_decode.cpp
+    at::ScalarType, const torch::Tensor&, const torch::Tensor&,
+    const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&);
+
 // query [T, H, D] (rows of any stride, heads packed) are the chunk's tokens, the last T of a
 // sequence of seq_len tokens whose K and V are already in the cache (written before attention,
 // as for decodes). The cache is the query's dtype, bfloat16, float16, or int8 with its scales.
@@ -268,25 +272,9 @@ torch::Tensor paged_prefill(torch::Tensor query, torch::Tensor key_cache, torch:
   for (int64_t b = 0; b < (seq_len + BS - 1) / BS; ++b)
     TORCH_CHECK(bp[b] >= 0 && bp[b] < NB, "block id out of range");
   const auto qt = query.scalar_type(), ct = key_cache.scalar_type();
-  TORCH_CHECK(value_cache.scalar_type() == ct, "key and value caches differ in dtype");
-  TORCH_CHECK(ct == qt || ct == torch::kBFloat16 || ct == torch::kHalf || ct == torch::kChar,
-              "cache dtype ", ct, " with query dtype ", qt,
-              ": the cache is the query's dtype, bfloat16, float16 or int8");
-  const bool int8 = ct == torch::kChar;
-  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()) &&
-                  (int8 || (!key_scales.has_value() && !value_scales.has_value())),
-              "an int8 cache needs its key and value scales, other caches none");
-  const float* ksp = nullptr;
-  const float* vsp = nullptr;
-  if (int8) {
-    for (const auto* sc : {&*key_scales, &*value_scales})
-      TORCH_CHECK(sc->scalar_type() == torch::kFloat32 && sc->is_contiguous() &&
-                      sc->dim() == 3 && sc->size(0) == KVH && sc->size(1) == NB &&
-                      sc->size(2) == BS,
-                  "scales must be contiguous float32 [kv_heads, blocks, block_size]");
-    ksp = key_scales->data_ptr<float>();
-    vsp = value_scales->data_ptr<float>();
-  }
+  const auto scales = cache_scales(qt, key_cache, value_cache, key_scales, value_scales);
+  const float* ksp = scales.first;  // null unless the cache is int8
+  const float* vsp = scales.second;
   auto out = torch::empty({T, H, D}, query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qt, "paged_prefill", [&] {
     auto go = [&](auto cache_zero) {
