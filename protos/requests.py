@@ -30,6 +30,7 @@ from protos.sampling import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
+    StructuredOutput,
 )
 
 MAX_ROLE_CHARS = 64  # a chat message's role ("system", "user", "assistant", "tool", ...)
@@ -99,7 +100,35 @@ def grpc_sampling_fields(req: pb.GenerateRequest | pb.ChatRequest) -> dict[str, 
         fields["stop_token_ids"] = list(req.stop_token_ids)
     if req.logit_bias:
         fields["logit_bias"] = dict(req.logit_bias)
+    if req.HasField("response_format"):
+        fields["structured_output"] = response_format(req.response_format)
     return fields
+
+
+def response_format(m: pb.ResponseFormat) -> StructuredOutput:
+    """A gRPC ``response_format`` as the engine's spec (its form checked here; the engine
+    compiles it, and a bad schema, regex or grammar is refused when the request is added)."""
+    kind = m.WhichOneof("format")
+    if kind is None:
+        raise InvalidRequestError(
+            "response_format needs one of json_schema, json_object, regex, choice, grammar",
+            "response_format",
+        )
+    if kind == "json_object" and not m.json_object:
+        raise InvalidRequestError(
+            "response_format.json_object must be true (leave response_format unset for text)",
+            "response_format",
+        )
+    value = tuple(m.choice.choices) if kind == "choice" else getattr(m, kind)
+    return structured_output(kind, value, "response_format")
+
+
+def structured_output(kind: str, value: Any, param: str) -> StructuredOutput:
+    """``StructuredOutput(kind=value)``; a refusal names the front's field (``param``)."""
+    try:
+        return StructuredOutput(**{kind: value})
+    except InvalidRequestError as e:
+        raise InvalidRequestError(str(e), param) from None
 
 
 def sampling_params(fields: Mapping[str, Any], vocab_size: int) -> SamplingParams:
