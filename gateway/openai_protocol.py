@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from gateway.openai_structured import structured_output_of
 from protos.errors import InvalidRequestError
 from protos.pagedserve.internal.v1 import ipc_pb2
 from protos.requests import (
@@ -58,6 +59,7 @@ class _Sampling(_Body):
     frequency_penalty: Number | None = None
     logit_bias: dict[StrictStr, Number] | None = None
     user: StrictStr | None = None
+    response_format: dict[str, Any] | None = None  # (vLLM's structured_outputs: extra)
     # vLLM's extra sampling fields
     top_k: Int32 | None = None
     min_p: Number | None = None
@@ -93,6 +95,9 @@ class _Sampling(_Body):
                         f"logit_bias keys must be token ids, got {k[:32]!r}"
                     ) from None
             out["logit_bias"] = bias
+        so = structured_output_of(self.model_extra or {}, self.response_format)
+        if so is not None:
+            out["structured_output"] = so
         return out
 
     def refuse_unsupported(self) -> None:
@@ -134,12 +139,6 @@ UNSUPPORTED = {
     "functions": _absent,
     "tool_choice": lambda v: v is None or v == "none",
     "function_call": lambda v: v is None or v == "none",
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "structured_outputs": _absent,
-    "guided_json": _absent,
-    "guided_regex": _absent,
-    "guided_choice": _absent,
-    "guided_grammar": _absent,
     "suffix": lambda v: v is None or v == "",
     "prompt_logprobs": lambda v: v is None,
     "audio": _absent,
