@@ -287,8 +287,9 @@ def test_prompt_logprobs_complete_after_preemptions_mid_prefill(model_dir):
     calm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, progress=False)
     want = calm.generate([prompt], sp, use_tqdm=False)[0]
     # 8 blocks of 8 tokens, 8 tokens a step: a decoding neighbour keeps preempting the prompt.
+    # (long_prefill_chunk 0: the prompt takes the whole budget, as this schedule needs)
     tight = LLM(str(model_dir), dtype="float32", num_kv_blocks=8, block_size=8,
-                max_num_batched_tokens=8, progress=False)  # fmt: skip
+                max_num_batched_tokens=8, long_prefill_chunk=0, progress=False)  # fmt: skip
     busy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     sched, preempted = tight.engine.scheduler, []
     preempt = sched._preempt
