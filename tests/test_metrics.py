@@ -484,3 +484,35 @@ def test_dashboard_is_valid_and_queries_only_served_metrics(stack):
 
 def test_deploy_docs_name_the_dashboard_file():
     assert str(DASHBOARD.relative_to(REPO)) in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_a_status_grpc_cannot_send_ends_the_call_as_a_cancel_counted_once():
+    """The gateway's deadline abort can race the call's own end in grpc core: sending the
+    status then fails with grpc's ExecuteBatchError, which grpc logged with a traceback. The
+    servicer ends such a call as the cancel it is (grpc does not log those), and the refusal
+    stays counted once, under its code. A double of the call's context raises the real grpc
+    error: the race itself cannot be produced on demand."""
+    from grpc._cython import cygrpc
+
+    from gateway.service import InferenceService
+
+    class EndedCall:  # a grpc.aio context whose call grpc core has already ended
+        async def abort(self, code, message):
+            raise cygrpc.ExecuteBatchError('Failed "execute_batch": (SendStatusFromServer,)')
+
+        def time_remaining(self):
+            return 0.0
+
+    pool = WorkerPool("ipc:///nonexistent")
+    try:
+        metrics = Metrics(pool)
+        svc = InferenceService(Frontend(pool, Limits(), 8, metrics))
+        ctx = EndedCall()
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(svc._abort(ctx, "Generate", grpc.StatusCode.DEADLINE_EXCEEDED, "late"))
+        svc._count_cancel("Generate", ctx)  # the unwinding handler's cancel: already counted
+        counted = metrics.requests.labels("Generate", "DEADLINE_EXCEEDED")._value.get()
+        cancelled = metrics.requests.labels("Generate", "CANCELLED")._value.get()
+        assert (counted, cancelled) == (1, 0)
+    finally:
+        pool._ctx.term()
