@@ -89,6 +89,7 @@ def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack
     with grpc.insecure_channel(stack.target) as ch:
         client = stub(ch)
         watch = Watch(stack.target)
+        stopped = False  # the victim worker is SIGSTOPped
         try:
             watch.wait_for([SERVING])
             # Open streams on both workers, so one surely sits on the victim.
@@ -97,6 +98,7 @@ def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack
                 next(c)  # generating
             victim = _pid(stack, part)
             os.kill(victim, signal.SIGSTOP if part == "tokenizer" else signal.SIGKILL)
+            stopped = part == "tokenizer"
             codes = []
             for c in calls:
                 try:
@@ -108,10 +110,13 @@ def test_part_stops_answering_health_drops_streams_fail_then_it_comes_back(stack
             assert grpc.StatusCode.UNAVAILABLE in codes, codes
             assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK}, codes
             watch.wait_for([SERVING, NOT_SERVING])
-            if part == "tokenizer":
+            if stopped:
                 os.kill(victim, signal.SIGCONT)
+                stopped = False
             watch.wait_for([SERVING, NOT_SERVING, SERVING], timeout=90)
         finally:
+            if stopped:  # a failure above must not leave the worker stopped for later tests
+                os.kill(victim, signal.SIGCONT)
             watch.close()
         out = collect(
             client.Generate(
@@ -193,8 +198,10 @@ def test_gateway_stalled_briefly_keeps_its_streams(stack):
     with grpc.insecure_channel(stack.target) as ch:
         calls = _long_streams(stack, stub(ch), 2, max_tokens=120)  # both running in the engine
         os.kill(gateway, signal.SIGSTOP)
-        time.sleep(4.0)
-        os.kill(gateway, signal.SIGCONT)
+        try:
+            time.sleep(4.0)
+        finally:
+            os.kill(gateway, signal.SIGCONT)
         for c in calls:  # every token arrives and each stream ends with its final message
             assert collect(c)[0]["final"].usage.completion_tokens == 120
     assert "the gateway stalled for" in stack.log()
@@ -221,10 +228,12 @@ def test_gateway_stalled_past_the_ping_timeout_fails_its_streams_and_serves_on(s
         )
         next(short)
         os.kill(gateway, signal.SIGSTOP)
-        # Each worker pings every 1 s and gives up 5 s after the first unanswered ping (up to
-        # 6 s after the stop): by 9 s every worker has written the gateway off.
-        time.sleep(9.0)
-        os.kill(gateway, signal.SIGCONT)
+        try:
+            # Each worker pings every 1 s and gives up 5 s after the first unanswered ping (up
+            # to 6 s after the stop): by 9 s every worker has written the gateway off.
+            time.sleep(9.0)
+        finally:
+            os.kill(gateway, signal.SIGCONT)
         resumed = time.monotonic()
         assert stack.log().count("the gateway went away; aborting") > went_away
         results = _streams_until_done(calls)
