@@ -13,19 +13,11 @@ import openai
 import pytest
 
 from tests.serving_stack import REPO, collect, pb, start_stack, stop_stack, stub
+from tests.test_structured_output import PAINT
 
 jsonschema = pytest.importorskip("jsonschema")
 
 MODEL = "SmolLM2-135M-Instruct"
-PAINT = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", "blue"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 10},
-    },
-    "required": ["color", "count"],
-    "additionalProperties": False,
-}
 PERSON = {
     "type": "object",
     "properties": {
